@@ -1,0 +1,150 @@
+"""What every tower shares: stem -> blocks -> finish, a frozen prefix run without autograd, hashing."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from typing import Any, ClassVar, Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+# How a block is built decides where adapters go and how a new block can start as the identity.
+BLOCK_KINDS = ("prenorm", "postnorm", "cnn", "generic")
+
+
+def state_dict_sha256(state: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and bytes of a state dict (order-independent)."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key].detach()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        # Viewing as bytes hashes bf16/fp16 exactly and avoids a float copy.
+        flat = tensor.reshape(-1).contiguous().cpu()
+        digest.update(flat.view(torch.uint8).numpy().data if flat.numel() else b"")
+    return digest.hexdigest()
+
+
+class Tower(nn.Module):
+    """A backbone seen as stem -> blocks -> finish, plus blocks appended by the `deep` method.
+
+    Subclasses say where the stem, the blocks and the finish are. The forward pass runs the
+    longest frozen prefix (stem and leading blocks without a trainable parameter) under
+    `torch.no_grad`, so a mostly frozen tower stores no activations for its frozen part.
+    """
+
+    kind: ClassVar[str] = ""
+    block_kind: str = "generic"
+    hidden_size: int = 0
+    # Whether stem, blocks and finish can run separately; if not, only appended blocks run apart.
+    can_split: bool = True
+
+    def __init__(self, backbone: nn.Module, source: str) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.extra_blocks = nn.ModuleList()
+        self.source = source
+        state = backbone.state_dict()
+        # Hash the pretrained weights now, before any rule or training can touch them.
+        self.backbone_sha256 = state_dict_sha256(state)
+        self.pristine_keys = frozenset(state)
+
+    # -- what subclasses provide -------------------------------------------------------------
+    def backbone_blocks(self) -> Sequence[nn.Module]:
+        """The backbone's repeated units, in order."""
+        raise NotImplementedError
+
+    def backbone_block_prefix(self) -> str:
+        """Module path of the blocks container inside the backbone (e.g. 'blocks')."""
+        raise NotImplementedError
+
+    def stem_parameters(self) -> Iterable[nn.Parameter]:
+        """Parameters used before the first block."""
+        raise NotImplementedError
+
+    def embed(self, inputs: Any) -> tuple[torch.Tensor, Any]:
+        """Run the stem; return hidden states and the context blocks need (e.g. a mask)."""
+        raise NotImplementedError
+
+    def run_block(self, block: nn.Module, hidden: torch.Tensor, context: Any) -> torch.Tensor:
+        """Run one block."""
+        return block(hidden)
+
+    def finish(self, hidden: torch.Tensor, context: Any) -> torch.Tensor:
+        """Final norm and pooling: hidden states -> one vector per example."""
+        raise NotImplementedError
+
+    def block_channels(self, index: int) -> int:
+        """Width of block `index`'s output (the hidden size for token models)."""
+        return self.hidden_size
+
+    # -- shared machinery ----------------------------------------------------------------------
+    def blocks(self) -> list[nn.Module]:
+        """Backbone blocks followed by appended (`deep`) blocks."""
+        return [*self.backbone_blocks(), *self.extra_blocks]
+
+    def block_names(self) -> list[str]:
+        """Module names of `blocks()`, relative to the tower."""
+        prefix = self.backbone_block_prefix()
+        names = [f"backbone.{prefix}.{i}" for i in range(len(self.backbone_blocks()))]
+        return names + [f"extra_blocks.{i}" for i in range(len(self.extra_blocks))]
+
+    @property
+    def num_blocks(self) -> int:
+        """Number of blocks, appended ones included."""
+        return len(self.backbone_blocks()) + len(self.extra_blocks)
+
+    def _runnable_blocks(self) -> list[nn.Module]:
+        return self.blocks() if self.can_split else list(self.extra_blocks)
+
+    def frozen_prefix_depth(self) -> int | None:
+        """Leading runnable blocks with no trainable parameter; None when the stem itself trains."""
+        if not self.can_split:
+            stem = self.backbone.parameters()
+        else:
+            stem = self.stem_parameters()
+        if any(p.requires_grad for p in stem):
+            return None
+        blocks = self._runnable_blocks()
+        for i, block in enumerate(blocks):
+            if any(p.requires_grad for p in block.parameters()):
+                return i
+        return len(blocks)
+
+    def forward_prefix(self, inputs: Any, depth: int) -> tuple[torch.Tensor, Any]:
+        """Stem and the first `depth` blocks (what a feature cache can store)."""
+        hidden, context = self.embed(inputs)
+        for block in self._runnable_blocks()[:depth]:
+            hidden = self.run_block(block, hidden, context)
+        return hidden, context
+
+    def forward_suffix(self, hidden: torch.Tensor, context: Any, depth: int) -> torch.Tensor:
+        """Blocks from `depth` on, then the finish: the part of the tower that trains."""
+        for block in self._runnable_blocks()[depth:]:
+            hidden = self.run_block(block, hidden, context)
+        return self.finish(hidden, context)
+
+    def forward(self, inputs: Any) -> torch.Tensor:
+        """Pooled features, with the frozen prefix run under no_grad."""
+        depth = self.frozen_prefix_depth() if torch.is_grad_enabled() else None
+        guard = torch.no_grad() if depth is not None else contextlib.nullcontext()
+        with guard:
+            hidden, context = self.forward_prefix(inputs, depth or 0)
+        return self.forward_suffix(hidden, context, depth or 0)
+
+    def train(self, mode: bool = True) -> "Tower":
+        """Train mode, except that pretrained BatchNorm statistics stay frozen when configured."""
+        super().train(mode)
+        if mode and getattr(self, "freeze_bn_stats", False):
+            for module in self.backbone.modules():
+                if isinstance(module, _BatchNorm):
+                    module.eval()
+        return self
+
+    def is_pristine_key(self, key: str) -> bool:
+        """Whether a tower state-dict key is a pretrained backbone tensor (peft renames included)."""
+        if not key.startswith("backbone."):
+            return False
+        key = key[len("backbone."):].replace(".base_layer.", ".")
+        return key in self.pristine_keys

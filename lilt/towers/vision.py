@@ -1,0 +1,157 @@
+"""VisionTower: any timm model as stem -> blocks -> pooled features."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import timm
+import torch
+from torch import nn
+
+from ..config import ConfigError, VisionConfig, did_you_mean
+from .base import Tower
+from .packaged import is_packaged, packaged_path
+
+logger = logging.getLogger(__name__)
+
+# Module names after the blocks, per family: they finish features and pool them.
+_FINISH = {
+    "vit": ("norm", "fc_norm", "attn_pool", "head", "head_drop"),
+    "efficientnet": ("conv_head", "bn2", "norm_head", "global_pool", "classifier"),
+}
+
+
+def _family(backbone: nn.Module) -> str:
+    from timm.models.efficientnet import EfficientNet
+    from timm.models.mobilenetv3 import MobileNetV3
+    from timm.models.vision_transformer import VisionTransformer
+
+    if isinstance(backbone, VisionTransformer):
+        return "vit"
+    if isinstance(backbone, (EfficientNet, MobileNetV3)):
+        return "efficientnet"
+    return "generic"
+
+
+def _local_dir(name: str) -> Path | None:
+    """The directory a vision name points at, if it is a local one."""
+    raw = name[len("local-dir:"):] if name.startswith("local-dir:") else name
+    path = Path(raw).expanduser()
+    if name.startswith("local-dir:") or path.is_dir():
+        if not path.is_dir():
+            raise ConfigError(f"vision backbone directory {raw!r} does not exist.")
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"vision backbone directory {raw!r} has no config.json (timm layout: "
+                              "config.json + model.safetensors, as written by timm.models.save_for_hf).")
+        if not (path / "model.safetensors").is_file():
+            raise ConfigError(f"vision backbone directory {raw!r} has no model.safetensors; lilt loads "
+                              "only safetensors (never a pickle). Convert it with safetensors.torch.save_file.")
+        return path
+    return None
+
+
+def create_vision_backbone(config: VisionConfig) -> nn.Module:
+    """Create the timm model a VisionConfig names, without its classifier."""
+    name = config.name
+    if is_packaged(name):
+        name = "local-dir:" + str(packaged_path(name))
+    elif (local := _local_dir(name)) is not None:
+        name = "local-dir:" + str(local)
+    elif name.split(":")[0] not in ("hf-hub",) and not timm.is_model(name):
+        raise ConfigError(f"unknown vision backbone {config.name!r}: not a timm model name, a directory, "
+                          "or 'packaged:NAME'." + did_you_mean(name, timm.list_models()))
+    kwargs: dict[str, Any] = {"num_classes": 0, **config.model_kwargs}
+    try:
+        if config.image_size is not None:
+            try:  # transformers need the size at build time (position embeddings); CNNs take any size
+                return timm.create_model(name, pretrained=config.pretrained, img_size=config.image_size, **kwargs)
+            except TypeError:
+                pass
+        return timm.create_model(name, pretrained=config.pretrained, **kwargs)
+    except (OSError, RuntimeError, ValueError) as err:
+        if config.pretrained and not name.startswith("local-dir:"):
+            raise RuntimeError(
+                f"could not load pretrained vision backbone {config.name!r} ({err}). Without a model hub, use "
+                "'packaged:efficientnet-lite0' or a local directory in timm layout.") from err
+        raise
+
+
+class VisionTower(Tower):
+    """A timm image model: patch/conv stem, blocks (ViT blocks or CNN stages), pooled features."""
+
+    kind = "vision"
+
+    def __init__(self, backbone: nn.Module, config: VisionConfig) -> None:
+        super().__init__(backbone, config.name)
+        self.config = config
+        self.family = _family(backbone)
+        self.freeze_bn_stats = config.freeze_bn_stats
+        self.hidden_size = int(getattr(backbone, "head_hidden_size", None) or backbone.num_features)
+        self.can_split = self.family != "generic"
+        self._blocks_attr = next((a for a in ("blocks", "stages", "layers")
+                                  if isinstance(getattr(backbone, a, None), (nn.Sequential, nn.ModuleList))), "")
+        if self.family == "vit":
+            first = self.backbone_blocks()[0] if self.backbone_blocks() else None
+            is_prenorm = all(hasattr(first, a) for a in ("norm1", "attn", "norm2", "mlp"))
+            self.block_kind = "prenorm" if is_prenorm else "generic"
+        elif self.family == "efficientnet":
+            self.block_kind = "cnn"
+        self.channels_last = config.channels_last and self.family == "efficientnet"
+        if self.channels_last:
+            self.backbone.to(memory_format=torch.channels_last)
+        data_config = timm.data.resolve_data_config({}, model=backbone)
+        if config.image_size is not None:
+            data_config["input_size"] = (3, config.image_size, config.image_size)
+        self.data_config = data_config
+
+    @classmethod
+    def from_config(cls, config: VisionConfig) -> "VisionTower":
+        """Load the backbone a VisionConfig names."""
+        return cls(create_vision_backbone(config), config)
+
+    def image_transform(self, train: bool = False) -> Any:
+        """timm's preprocessing for this backbone (eval: resize + center crop)."""
+        return timm.data.create_transform(**self.data_config, is_training=train)
+
+    def backbone_blocks(self) -> Sequence[nn.Module]:
+        return list(getattr(self.backbone, self._blocks_attr)) if self._blocks_attr else []
+
+    def backbone_block_prefix(self) -> str:
+        return self._blocks_attr
+
+    def stem_parameters(self) -> Iterable[nn.Parameter]:
+        skip = (self._blocks_attr, *_FINISH.get(self.family, ()))
+        return (p for n, p in self.backbone.named_parameters() if n.split(".")[0] not in skip)
+
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, None]:
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        b = self.backbone
+        if self.family == "vit":
+            x = b.norm_pre(b.patch_drop(b._pos_embed(b.patch_embed(images))))
+        elif self.family == "efficientnet":
+            x = b.bn1(b.conv_stem(images))
+        else:  # the whole backbone is the "stem"; only appended blocks run separately
+            x = b.forward_features(images)
+        return x, None
+
+    def finish(self, hidden: torch.Tensor, context: None) -> torch.Tensor:
+        b = self.backbone
+        if self.family == "vit":
+            hidden = b.norm(hidden)
+        elif self.family == "efficientnet" and hasattr(b, "bn2"):  # MobileNetV3 has its head conv in forward_head
+            hidden = b.bn2(b.conv_head(hidden))
+        return b.forward_head(hidden, pre_logits=True)
+
+    def block_channels(self, index: int) -> int:
+        """Output width of block `index` (tokens: embedding size; CNN stages: channels)."""
+        block = self.blocks()[index]
+        if self.block_kind == "prenorm":
+            return int(self.backbone.embed_dim)
+        norms = [m for m in block.modules() if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm))]
+        if not norms:
+            raise ConfigError(f"cannot tell the output channels of vision block {index} ({type(block).__name__}).")
+        last = norms[-1]
+        return int(last.num_features if isinstance(last, nn.BatchNorm2d) else last.num_channels)
