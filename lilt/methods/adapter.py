@@ -1,0 +1,147 @@
+"""`adapter`: bottleneck adapters `x + s * up(act(down(x)))` placed per block type (LilT, Houlsby).
+
+Placement (serial, as LilT): in pre-LN transformer blocks (timm ViT) before each pre-LN,
+`attn(norm1(adapter(x)))`; in post-LN blocks (BERT) after each dense sublayer and before its
+LayerNorm; in CNNs a residual 1x1-conv bottleneck after each stage. The parallel variant (He et
+al. 2022) adds `s * up(act(down(x)))` of a sublayer's input to its output instead.
+
+Adapters are attached with forward hooks to the module they wrap and stored as its child
+`lilt_adapter`, so the backbone's own parameter names never change (peft targets, checkpoints
+and hashes keep working) and a deep copy of the model copies working adapters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from ..config import ConfigBase, ConfigError, knob
+from ..towers.base import Tower
+from .base import MethodResult, Selection, register_method
+
+_ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
+
+
+@dataclass
+class AdapterOptions(ConfigBase):
+    """Options of the `adapter` method."""
+
+    reduction_factor: int = knob(4, "hidden width / bottleneck width (LilT: 4)")
+    placement: Literal["serial", "parallel"] = knob("serial", "serial (LilT, Houlsby) or parallel (He et al.)")
+    sites: Literal["both", "attention", "mlp"] = knob(
+        "both", "transformer blocks: adapt after attention, after the MLP, or both (CNN stages have one site)")
+    activation: Literal["gelu", "relu", "silu"] = knob("gelu", "bottleneck non-linearity (LilT: GELU)")
+    scale: float = knob(1.0, "multiplier s of the adapter's output")
+    zero_init: bool = knob(True, "initialize `up` to zero so the model is unchanged at step 0")
+
+    def validate(self) -> None:
+        if self.reduction_factor < 1:
+            raise ConfigError(f"adapter reduction_factor={self.reduction_factor} must be >= 1.")
+
+
+class Bottleneck(nn.Module):
+    """s * up(act(down(x))) on the last dim (tokens) or on channels with 1x1 convs (images)."""
+
+    def __init__(self, dim: int, options: AdapterOptions, conv: bool = False) -> None:
+        super().__init__()
+        hidden = max(1, dim // options.reduction_factor)
+        layer = (lambda i, o: nn.Conv2d(i, o, kernel_size=1)) if conv else nn.Linear
+        self.down = layer(dim, hidden)
+        self.act = _ACTIVATIONS[options.activation]()
+        self.up = layer(hidden, dim)
+        self.scale = options.scale
+        if options.zero_init:
+            nn.init.zeros_(self.up.weight)
+            nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The adapter's contribution, to be added to a residual stream."""
+        return self.scale * self.up(self.act(self.down(x)))
+
+
+# Hooks are plain functions reading `module.lilt_adapter`, so deep copies carry working adapters.
+def _before_hook(module: nn.Module, args: tuple) -> tuple:
+    """Serial, before a pre-LN: the norm sees x + adapter(x)."""
+    x = args[0]
+    return (x + module.lilt_adapter(x), *args[1:])
+
+
+def _after_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    """Serial, after a sublayer: out + adapter(out)."""
+    return output + module.lilt_adapter(output)
+
+
+def _parallel_hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
+    """Parallel: sublayer(x) + adapter(x)."""
+    x = args[0] if args else next(iter(kwargs.values()))
+    return output + module.lilt_adapter(x)
+
+
+def _parallel_residual_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Parallel in a post-LN block: LayerNorm(dense(h) + x + adapter(x)), x being the residual input."""
+    args = list(args)
+    if len(args) >= 2:
+        args[1] = args[1] + module.lilt_adapter(args[1])
+    else:
+        kwargs["input_tensor"] = kwargs["input_tensor"] + module.lilt_adapter(kwargs["input_tensor"])
+    return tuple(args), kwargs
+
+
+# (module path inside the block, hook kind) for each block kind, placement and site.
+_SITES: dict[tuple[str, str], dict[str, str]] = {
+    ("prenorm", "serial"): {"attention": "norm1", "mlp": "norm2"},
+    ("prenorm", "parallel"): {"attention": "attn", "mlp": "mlp"},
+    ("postnorm", "serial"): {"attention": "attention.output.dense", "mlp": "output.dense"},
+    ("postnorm", "parallel"): {"attention": "attention.output", "mlp": "output"},
+    ("cnn", "serial"): {"stage": ""},
+}
+
+
+def _attach(module: nn.Module, adapter: Bottleneck, block_kind: str, placement: str) -> None:
+    if hasattr(module, "lilt_adapter"):
+        raise ConfigError(f"{type(module).__name__} already has an adapter from an earlier rule; "
+                          "two adapter rules may not cover the same block.")
+    module.lilt_adapter = adapter
+    if placement == "parallel":
+        if block_kind == "postnorm":
+            module.register_forward_pre_hook(_parallel_residual_hook, with_kwargs=True)
+        else:
+            module.register_forward_hook(_parallel_hook, with_kwargs=True)
+    elif block_kind == "prenorm":
+        module.register_forward_pre_hook(_before_hook)
+    else:
+        module.register_forward_hook(_after_hook)
+
+
+def _last_leaf_block(block: nn.Module) -> nn.Module:
+    # A child added to an nn.Sequential would run as one more layer, so hook its last element instead.
+    while isinstance(block, nn.Sequential) and len(block):
+        block = block[-1]
+    return block
+
+
+@register_method("adapter", AdapterOptions)
+def apply_adapter(tower: Tower, selection: Selection, options: AdapterOptions, tag: str) -> MethodResult:
+    """Insert bottleneck adapters into every selected block (zero-initialized output by default)."""
+    sites = _SITES.get((tower.block_kind, options.placement))
+    if sites is None:
+        supported = sorted({k for k, _ in _SITES})
+        raise ConfigError(f"adapter placement={options.placement!r} is not available for {tower.kind} blocks of "
+                          f"kind {tower.block_kind!r} (available: serial for {', '.join(supported)}; "
+                          "parallel for prenorm and postnorm).")
+    if options.sites != "both" and tower.block_kind != "cnn":
+        sites = {options.sites: sites[options.sites]}
+    trainable: list[nn.Parameter] = []
+    for index in selection.blocks:
+        block = tower.blocks()[index]
+        for path in sites.values():
+            module: Any = block.get_submodule(path) if path else _last_leaf_block(block)
+            adapter = Bottleneck(tower.block_channels(index), options, conv=tower.block_kind == "cnn")
+            reference = next(block.parameters())
+            adapter.to(device=reference.device, dtype=reference.dtype)
+            _attach(module, adapter, tower.block_kind, options.placement)
+            trainable.extend(adapter.parameters())
+    return MethodResult(trainable=trainable)

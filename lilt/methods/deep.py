@@ -1,0 +1,124 @@
+"""`deep`: append new trainable blocks of the tower's own type on top ("deep adapter", LilT).
+
+Each new block starts as the identity, so the model's outputs are unchanged at step 0:
+- pre-LN transformer blocks (ViT): residual branches end in zeroed projections (attn.proj, mlp.fc2);
+- post-LN blocks (BERT): the LayerNorm inside the block prevents that, so the copy runs behind a
+  gate, `x + g * (block(x) - x)` with g = 0 (ReZero-style);
+- CNN stages: a new inverted-residual block with a skip and a zeroed last BatchNorm scale.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from ..config import ConfigBase, ConfigError, knob
+from ..towers.base import Tower
+from .base import MethodResult, Selection, register_method
+
+
+@dataclass
+class DeepOptions(ConfigBase):
+    """Options of the `deep` method."""
+
+    num_blocks: int = knob(1, "how many blocks to append")
+    init: Literal["copy", "random"] = knob(
+        "copy", "transformers: start from a copy of the last block ('copy') or fresh weights ('random'); "
+        "CNN blocks are always fresh")
+
+    def validate(self) -> None:
+        if self.num_blocks < 1:
+            raise ConfigError(f"deep num_blocks={self.num_blocks} must be >= 1.")
+
+
+class GatedBlock(nn.Module):
+    """x + gate * (block(x) - x): any shape-preserving block that starts as the identity."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+        self.gate = nn.Parameter(torch.zeros(()))
+
+    def forward(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        out = self.block(hidden, *args, **kwargs)
+        out = out[0] if isinstance(out, tuple) else out
+        return hidden + self.gate * (out - hidden)
+
+
+def _reinit(module: nn.Module) -> None:
+    # BERT/ViT-style init: N(0, 0.02) weights, zero biases, unit norms.
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def _zero(linear: nn.Module) -> None:
+    nn.init.zeros_(linear.weight)
+    if getattr(linear, "bias", None) is not None:
+        nn.init.zeros_(linear.bias)
+
+
+def _new_cnn_block(tower: Tower, last: nn.Module) -> nn.Module:
+    from timm.models._efficientnet_blocks import InvertedResidual
+
+    channels = tower.block_channels(tower.num_blocks - 1)
+    acts = [type(m) for m in last.modules() if isinstance(m, (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish))]
+    act = acts[0] if acts else nn.ReLU
+    block = InvertedResidual(channels, channels, dw_kernel_size=3, exp_ratio=6.0, act_layer=act)
+    nn.init.zeros_(block.bn3.weight)  # the residual branch ends in bn3: a zero scale makes the block the identity
+    return block
+
+
+def _new_block(tower: Tower, last: nn.Module, init: str) -> nn.Module:
+    if tower.block_kind == "cnn":
+        block = _new_cnn_block(tower, last)
+    elif tower.block_kind == "prenorm":
+        block = copy.deepcopy(last)
+        if init == "random":
+            _reinit(block)
+        _zero(block.attn.proj)
+        _zero(block.mlp.fc2)
+    elif tower.block_kind == "postnorm":
+        inner = copy.deepcopy(last)
+        if init == "random":
+            _reinit(inner)
+        block = GatedBlock(inner)
+    else:
+        raise ConfigError(f"deep: cannot build an identity-initialized block for {tower.kind} blocks of kind "
+                          f"{tower.block_kind!r} (supported: prenorm, postnorm, cnn).")
+    reference = next(last.parameters())
+    block.to(device=reference.device, dtype=reference.dtype)
+    if getattr(tower, "channels_last", False):
+        block.to(memory_format=torch.channels_last)
+    return block
+
+
+@register_method("deep", DeepOptions)
+def apply_deep(tower: Tower, selection: Selection, options: DeepOptions, tag: str) -> MethodResult:
+    """Append new trainable blocks on top of the tower, initialized so its output is unchanged."""
+    if selection.spec != "all":
+        raise ConfigError(f"deep appends blocks on top of the tower; its `layers` must be 'all', "
+                          f"not {selection.spec!r}.")
+    if not tower.blocks():
+        raise ConfigError(f"deep: the {tower.kind} tower exposes no blocks to copy.")
+    last = tower.blocks()[-1]
+    if any(hasattr(m, "lilt_adapter") or isinstance(m, BaseTunerLayer) for m in last.modules()):
+        raise ConfigError("deep copies the tower's last block, which already holds modules added by an earlier "
+                          "rule; put the `deep` rule before adapter/lora/ia3 rules.")
+    trainable: list[nn.Parameter] = []
+    for _ in range(options.num_blocks):
+        block = _new_block(tower, last, options.init)
+        block.requires_grad_(True)
+        tower.extra_blocks.append(block)
+        trainable.extend(block.parameters())
+    return MethodResult(trainable=trainable)

@@ -1,0 +1,202 @@
+"""TuningPlan: ordered rules deciding which parameters train, applied with full attribution.
+
+A rule names a tower (`vision`, `text`, `both`), a registered method, the layers it covers and
+the method's options. `apply_plan` freezes everything, then applies the rules in order; a rule
+that matches nothing is an error. Afterwards every parameter is attributed to the rule that
+last decided it, or to "frozen" (or to "heads", which always train).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from torch import nn
+
+from .config import ConfigBase, ConfigError, knob, read_mapping
+from .methods import get_method, select
+
+RECIPE_SECTIONS = ("plan", "model", "train", "data", "eval", "growth")
+
+
+class RuleMatchError(ConfigError):
+    """A plan rule matched no parameter."""
+
+
+@dataclass
+class Rule(ConfigBase):
+    """One step of a plan: apply `method` to `layers` of `tower` with `options`."""
+
+    tower: Literal["vision", "text", "both"] = knob(help="which tower the rule applies to")
+    method: str = knob(help="a registered tuning method: lock, layernorm, bitfit, adapter, lora, ia3, "
+                       "unlock, deep")
+    layers: str = knob("all", "'all', 'top:K', 'bottom:K', 'blocks.I-J' (commas allowed) or a parameter-name glob")
+    options: dict = knob({}, "the method's options (see `lilt info --methods`)")
+
+    def validate(self) -> None:
+        spec = get_method(self.method)
+        self.parsed_options = spec.options.from_dict(self.options, where=f"{self.method} options")
+
+    def label(self, index: int) -> str:
+        """A short human name: 'rule 1 (both/adapter, layers=all)'."""
+        return f"rule {index + 1} ({self.tower}/{self.method}, layers={self.layers})"
+
+
+@dataclass
+class TuningPlan(ConfigBase):
+    """An ordered list of rules, with a name for reports."""
+
+    rules: list[Rule] = knob([], "the rules, applied in order")
+    name: str = knob("", "a short name for reports (e.g. 'lwa')")
+    description: str = knob("", "one line on what the plan is")
+
+    @classmethod
+    def from_recipe(cls, path: str | Path) -> "TuningPlan":
+        """Load the `plan:` section of a YAML/JSON recipe."""
+        data = read_mapping(path)
+        unknown = [k for k in data if k not in RECIPE_SECTIONS]
+        if unknown:
+            raise ConfigError(f"{path}: unknown recipe section(s) {unknown}; sections are {list(RECIPE_SECTIONS)}.")
+        if "plan" not in data:
+            raise ConfigError(f"{path}: no 'plan:' section; a recipe needs one (a list of rules under plan.rules).")
+        plan = cls.from_dict(data["plan"], where=f"{path}:plan")
+        if not plan.name:
+            plan.name = Path(path).stem
+        return plan
+
+
+@dataclass
+class PlanState:
+    """A plan applied to a model: the plan and, per parameter name, the rule index that owns it."""
+
+    plan: TuningPlan
+    owners: dict[str, int | None] = field(default_factory=dict)  # None: frozen
+
+    def label(self, name: str) -> str:
+        """'heads', 'frozen', or the owning rule's label."""
+        if name in HEAD_PARAMS:
+            return "heads"
+        index = self.owners.get(name)
+        return "frozen" if index is None else self.plan.rules[index].label(index)
+
+
+# Parameters of the DualEncoder outside the towers: they always train.
+HEAD_PARAMS = ("vision_proj.weight", "vision_proj.bias", "text_proj.weight", "text_proj.bias",
+               "logit_scale", "logit_bias")
+
+
+def _towers(model: Any, which: str) -> list[tuple[str, Any]]:
+    names = ["vision", "text"] if which == "both" else [which]
+    return [(n, getattr(model, n)) for n in names]
+
+
+def apply_plan(model: Any, plan: TuningPlan | str | Path) -> PlanState:
+    """Freeze the model, apply each rule in order, and attribute every parameter."""
+    if not isinstance(plan, TuningPlan):
+        plan = TuningPlan.from_recipe(plan)
+    if getattr(model, "plan_state", None) is not None:
+        raise ConfigError("this model already has a plan applied; build a fresh model to apply another.")
+    model.requires_grad_(False)
+    owner: dict[nn.Parameter, int | None] = {}
+    for index, rule in enumerate(plan.rules):
+        spec = get_method(rule.method)
+        for tower_name, tower in _towers(model, rule.tower):
+            try:
+                selection = select(tower, rule.layers)
+                result = spec.apply(tower, selection, rule.parsed_options, f"r{index + 1}")
+            except ConfigError as err:
+                raise type(err)(f"{rule.label(index)}, {tower_name} tower: {err}") from err
+            if not result.trainable and not result.frozen:
+                raise RuleMatchError(
+                    f"{rule.label(index)} matched nothing in the {tower_name} tower: no parameter of the selection "
+                    f"{rule.layers!r} is one that `{rule.method}` tunes. Check the layers, or drop the rule; "
+                    f"`lilt info` lists the tower's blocks.")
+            owner.update({p: index for p in result.trainable})
+            owner.update({p: None for p in result.frozen})
+    state = PlanState(plan)
+    for name, param in model.named_parameters():
+        if name in HEAD_PARAMS:
+            param.requires_grad_(True)
+            continue
+        index = owner.get(param)
+        if param.requires_grad != (index is not None):
+            raise RuntimeError(f"internal error: {name} has requires_grad={param.requires_grad} but is "
+                               f"attributed to {'frozen' if index is None else plan.rules[index].label(index)}")
+        state.owners[name] = index
+    model.plan_state = state
+    return state
+
+
+@dataclass
+class Budget:
+    """Trainable parameter counts of a model: totals, per tower, per method and per rule."""
+
+    plan: str
+    trainable: int
+    total: int
+    by_tower: dict[str, dict[str, float]]
+    by_method: dict[str, dict[str, float]]
+    by_rule: list[dict[str, Any]]
+
+    @property
+    def percent(self) -> float:
+        """Trainable share of all parameters, in percent."""
+        return 100.0 * self.trainable / max(self.total, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict with keys trainable, total, percent, by_tower, by_method, by_rule."""
+        return {"plan": self.plan, "trainable": self.trainable, "total": self.total,
+                "percent": round(self.percent, 4), "by_tower": self.by_tower, "by_method": self.by_method,
+                "by_rule": self.by_rule}
+
+    def __str__(self) -> str:
+        lines = [f"plan {self.plan or '(none)'}: {self.trainable:,} of {self.total:,} parameters train "
+                 f"({self.percent:.2f}%)", "",
+                 f"{'tower':<10}{'trainable':>14}{'total':>16}{'%':>9}"]
+        for tower, row in self.by_tower.items():
+            lines.append(f"{tower:<10}{row['trainable']:>14,}{row['total']:>16,}{row['percent']:>9.2f}")
+        lines += ["", f"{'method':<12}{'trainable':>14}{'% of all':>10}   rule"]
+        for row in self.by_rule:
+            lines.append(f"{row['method']:<12}{row['trainable']:>14,}{row['percent']:>10.3f}   {row['label']}")
+        return "\n".join(lines)
+
+
+def budget(model: Any) -> Budget:
+    """Count trainable parameters per tower, per method and per rule (percent of all parameters)."""
+    state: PlanState | None = getattr(model, "plan_state", None)
+    rules = state.plan.rules if state else []
+    total = trainable = 0
+    towers: dict[str, list[int]] = {"vision": [0, 0], "text": [0, 0], "heads": [0, 0]}
+    per_rule = [0] * len(rules)
+    heads = unplanned = 0
+    for name, p in model.named_parameters():
+        n = p.numel()
+        tower = name.split(".")[0] if name.split(".")[0] in ("vision", "text") else "heads"
+        total += n
+        towers[tower][1] += n
+        if p.requires_grad:
+            trainable += n
+            towers[tower][0] += n
+            index = state.owners.get(name) if state else None
+            if tower == "heads":
+                heads += n
+            elif index is not None:
+                per_rule[index] += n
+            else:  # no plan applied: the towers train in full
+                unplanned += n
+    pct = (lambda k, t: round(100.0 * k / max(t, 1), 4))
+    by_tower = {t: {"trainable": k, "total": n, "percent": pct(k, n)} for t, (k, n) in towers.items()}
+    by_rule = [{"rule": i + 1, "label": r.label(i), "tower": r.tower, "method": r.method, "trainable": per_rule[i],
+                "percent": pct(per_rule[i], total)} for i, r in enumerate(rules)]
+    by_rule.append({"rule": 0, "label": "projection heads + logit scale", "tower": "heads", "method": "heads",
+                    "trainable": heads, "percent": pct(heads, total)})
+    if unplanned:
+        by_rule.append({"rule": 0, "label": "no plan applied: everything trains", "tower": "both",
+                        "method": "unplanned", "trainable": unplanned, "percent": pct(unplanned, total)})
+    by_method: dict[str, dict[str, float]] = {}
+    for row in by_rule:
+        entry = by_method.setdefault(row["method"], {"trainable": 0, "percent": 0.0})
+        entry["trainable"] += row["trainable"]
+        entry["percent"] = pct(entry["trainable"], total)
+    return Budget(state.plan.name if state else "", trainable, total, by_tower, by_method, by_rule)
