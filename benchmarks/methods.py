@@ -1,0 +1,152 @@
+"""Per-recipe cost on real backbones: trainable share, checkpoint size, step time, activation memory.
+
+Every recipe in recipes/methods is applied to the same pair of backbones. Step times are measured
+side by side, round-robin over the recipes, and reported as ratios to `full` (these machines are
+noisy; ratios from one run are comparable, absolute seconds are not). Activation memory is the
+bytes autograd saves for the backward pass, counted exactly with saved-tensor hooks.
+
+    python benchmarks/methods.py                   # packaged EfficientNet-Lite0 + multilingual-e5-small
+    python benchmarks/methods.py --device cuda --batch-size 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import lilt
+from lilt.model import WEIGHTS_NAME
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def device_name(device: torch.device) -> str:
+    """A readable name of the device the numbers come from."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    return f"CPU ({torch.get_num_threads()} threads) {model}"
+
+
+def contrastive_step(model: lilt.DualEncoder, optimizer: torch.optim.Optimizer, images: torch.Tensor,
+                     text: dict[str, torch.Tensor]) -> None:
+    """One symmetric InfoNCE step."""
+    optimizer.zero_grad(set_to_none=True)
+    out = model(images, **text)
+    logits = out.logits_per_image()
+    labels = torch.arange(len(images), device=logits.device)
+    loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+    loss.backward()
+    optimizer.step()
+
+
+def saved_activation_bytes(model: lilt.DualEncoder, images: torch.Tensor, text: dict[str, torch.Tensor]) -> int:
+    """Bytes of tensors autograd keeps for the backward pass of one forward."""
+    total = 0
+    seen: set[int] = set()
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        # Parameters are saved by reference and cost nothing extra; count each storage once.
+        key = tensor.untyped_storage().data_ptr()
+        if not isinstance(tensor, torch.nn.Parameter) and key not in seen:
+            seen.add(key)
+            total += tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(images, **text)
+    return total
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work so timings are real."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    """Measure every recipe and write benchmarks/results/methods-<device>.{json,md}."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vision", default=lilt.config.DEFAULT_VISION)
+    parser.add_argument("--text", default=lilt.config.DEFAULT_TEXT)
+    parser.add_argument("--recipes", default="recipes/methods")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=5, help="timed round-robin rounds (after one warm-up)")
+    parser.add_argument("--tag", default=None, help="result file suffix (default: cpu or cuda)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    base = lilt.DualEncoder.from_backbones(args.vision, args.text)
+    full_bytes = sum(t.numel() * t.element_size() for t in base.state_dict().values())
+    size = base.vision.data_config["input_size"][-1]
+    images = torch.randn(args.batch_size, 3, size, size, device=device)
+    captions = [f"a photo of thing number {i} on a table" for i in range(args.batch_size)]
+    text = {k: v.to(device) for k, v in base.tokenize(captions).items()}
+
+    runs = {}
+    for recipe in sorted(Path(args.recipes).glob("*.yaml")):
+        model = copy.deepcopy(base)
+        lilt.apply_plan(model, recipe)
+        model.to(device).train()
+        report = lilt.budget(model)
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint_bytes = (model.save_pretrained(tmp) / WEIGHTS_NAME).stat().st_size
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+        runs[recipe.stem] = {"model": model, "optimizer": optimizer, "times": [], "row": {
+            "recipe": recipe.stem, "trainable": report.trainable, "total": report.total,
+            "percent": round(report.percent, 3), "vision_percent": report.by_tower["vision"]["percent"],
+            "text_percent": report.by_tower["text"]["percent"], "checkpoint_bytes": checkpoint_bytes,
+            "checkpoint_percent_of_full": round(100 * checkpoint_bytes / full_bytes, 3),
+            "activation_bytes": saved_activation_bytes(model, images, text)}}
+    del base
+    for round_index in range(args.rounds + 1):  # round 0 warms up allocators and kernels
+        for run in runs.values():
+            synchronize(device)
+            start = time.perf_counter()
+            contrastive_step(run["model"], run["optimizer"], images, text)
+            synchronize(device)
+            if round_index:
+                run["times"].append(time.perf_counter() - start)
+    reference = runs.get("full", next(iter(runs.values())))
+    ref_time = statistics.median(reference["times"])
+    ref_act = reference["row"]["activation_bytes"]
+    rows = []
+    for run in runs.values():
+        row = run["row"]
+        row["step_seconds"] = round(statistics.median(run["times"]), 4)
+        row["step_time_vs_full"] = round(row["step_seconds"] / ref_time, 3)
+        row["activations_vs_full"] = round(row["activation_bytes"] / max(ref_act, 1), 3)
+        rows.append(row)
+    meta = {"device": device_name(device), "torch": torch.__version__, "lilt": lilt.__version__,
+            "vision": args.vision, "text": args.text, "batch_size": args.batch_size, "image_size": size,
+            "rounds": args.rounds, "full_state_dict_bytes": full_bytes}
+    tag = args.tag or device.type
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"methods-{tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    table = [f"# Recipes on {args.vision} + {args.text}", "",
+             f"Device: {meta['device']}; torch {meta['torch']}; batch {args.batch_size} at {size} px; median of "
+             f"{args.rounds} round-robin steps. Full state dict: {full_bytes / 1e6:.0f} MB.", "",
+             "| recipe | trainable | % of all | vision % | text % | checkpoint MB | % of full | step s | "
+             "step vs full | activations vs full |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        table.append(f"| {r['recipe']} | {r['trainable']:,} | {r['percent']:.2f} | {r['vision_percent']:.2f} | "
+                     f"{r['text_percent']:.2f} | {r['checkpoint_bytes'] / 1e6:.2f} | "
+                     f"{r['checkpoint_percent_of_full']:.2f}"
+                     f" | {r['step_seconds']:.3f} | {r['step_time_vs_full']:.2f} | {r['activations_vs_full']:.2f} |")
+    (RESULTS / f"methods-{tag}.md").write_text("\n".join(table) + "\n")
+    print("\n".join(table))
+
+
+if __name__ == "__main__":
+    main()
