@@ -85,6 +85,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=5, help="timed round-robin rounds (after one warm-up)")
     parser.add_argument("--tag", default=None, help="result file suffix (default: cpu or cuda)")
+    parser.add_argument("--note", default="", help="a sentence recorded with the results")
     args = parser.parse_args()
     device = torch.device(args.device)
     base = lilt.DualEncoder.from_backbones(args.vision, args.text)
@@ -113,37 +114,49 @@ def main() -> None:
     for round_index in range(args.rounds + 1):  # round 0 warms up allocators and kernels
         for run in runs.values():
             synchronize(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+                resident = torch.cuda.memory_allocated(device)
             start = time.perf_counter()
             contrastive_step(run["model"], run["optimizer"], images, text)
             synchronize(device)
             if round_index:
                 run["times"].append(time.perf_counter() - start)
+            if device.type == "cuda":  # what one step adds on top of everything resident
+                run["row"]["step_peak_bytes"] = torch.cuda.max_memory_allocated(device) - resident
     reference = runs.get("full", next(iter(runs.values())))
     ref_time = statistics.median(reference["times"])
     ref_act = reference["row"]["activation_bytes"]
+    ref_peak = reference["row"].get("step_peak_bytes", 0)
     rows = []
     for run in runs.values():
         row = run["row"]
         row["step_seconds"] = round(statistics.median(run["times"]), 4)
         row["step_time_vs_full"] = round(row["step_seconds"] / ref_time, 3)
         row["activations_vs_full"] = round(row["activation_bytes"] / max(ref_act, 1), 3)
+        if ref_peak:
+            row["step_memory_vs_full"] = round(row["step_peak_bytes"] / ref_peak, 3)
         rows.append(row)
     meta = {"device": device_name(device), "torch": torch.__version__, "lilt": lilt.__version__,
             "vision": args.vision, "text": args.text, "batch_size": args.batch_size, "image_size": size,
-            "rounds": args.rounds, "full_state_dict_bytes": full_bytes}
+            "rounds": args.rounds, "full_state_dict_bytes": full_bytes, "note": args.note}
     tag = args.tag or device.type
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"methods-{tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     table = [f"# Recipes on {args.vision} + {args.text}", "",
              f"Device: {meta['device']}; torch {meta['torch']}; batch {args.batch_size} at {size} px; median of "
-             f"{args.rounds} round-robin steps. Full state dict: {full_bytes / 1e6:.0f} MB.", "",
+             f"{args.rounds} round-robin steps. Full state dict: {full_bytes / 1e6:.0f} MB. {args.note}", "",
+             "Activations: bytes autograd saves for backward. Step memory (CUDA only): peak allocation one "
+             "step adds (activations, gradients, optimizer state growth).", "",
              "| recipe | trainable | % of all | vision % | text % | checkpoint MB | % of full | step s | "
-             "step vs full | activations vs full |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "step vs full | activations vs full | step memory vs full |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         table.append(f"| {r['recipe']} | {r['trainable']:,} | {r['percent']:.2f} | {r['vision_percent']:.2f} | "
                      f"{r['text_percent']:.2f} | {r['checkpoint_bytes'] / 1e6:.2f} | "
                      f"{r['checkpoint_percent_of_full']:.2f}"
-                     f" | {r['step_seconds']:.3f} | {r['step_time_vs_full']:.2f} | {r['activations_vs_full']:.2f} |")
+                     f" | {r['step_seconds']:.3f} | {r['step_time_vs_full']:.2f} | {r['activations_vs_full']:.2f} | "
+                     f"{r.get('step_memory_vs_full', '-')} |")
     (RESULTS / f"methods-{tag}.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))
 

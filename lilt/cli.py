@@ -12,14 +12,6 @@ from typing import Sequence
 from .config import DEFAULT_TEXT, DEFAULT_VISION, ConfigError
 
 
-def _build_model(vision: str, text: str, recipe: str | None) -> tuple[object, object]:
-    import lilt
-
-    model = lilt.DualEncoder.from_backbones(vision, text)
-    plan = lilt.apply_plan(model, recipe) if recipe else None
-    return model, plan
-
-
 def cmd_info(args: argparse.Namespace) -> int:
     """Print the budget table of a recipe applied to the given (or default) backbones."""
     import lilt
@@ -32,7 +24,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         return 0
     if not args.recipe:
         raise ConfigError("lilt info needs --recipe FILE (e.g. recipes/methods/lwa.yaml), or --methods.")
-    model, _ = _build_model(args.vision, args.text, args.recipe)
+    model = lilt.DualEncoder.from_backbones(args.vision, args.text)
+    lilt.apply_plan(model, args.recipe)
     report = lilt.budget(model)
     if args.json:
         out = report.to_dict()

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from .config import DEFAULT_TEXT, DEFAULT_VISION
 from .model import WEIGHTS_NAME, DualEncoder
 from .plan import apply_plan, budget
+from .towers.packaged import lilt_home
 
 CAPTIONS = {"en": "a cat", "es": "un gato", "de": "eine Katze", "sw": "paka", "fr": "un chat",
             "unrelated 1": "a red car", "unrelated 2": "the stock market fell"}
@@ -67,7 +68,8 @@ def _budget_table(model: DualEncoder, recipe_dir: Path) -> None:
 def run_demo(out_dir: Path, recipe_dir: str | Path = "recipes/methods") -> int:
     """Load the packaged pair, show that both backbones work, print budgets, save and reload lwa."""
     start = time.perf_counter()
-    print(f"lilt demo: {DEFAULT_VISION} + {DEFAULT_TEXT}, no network needed\n")
+    print(f"lilt demo: {DEFAULT_VISION} + {DEFAULT_TEXT}, no network needed")
+    print(f"(the first run converts the packaged weights into {lilt_home()}/packaged, about 15 s)\n")
     model = DualEncoder.from_backbones(DEFAULT_VISION, DEFAULT_TEXT).eval()
     print(f"loaded both backbones in {time.perf_counter() - start:.1f} s "
           f"(vision: {model.vision.num_blocks} stages, {model.vision.hidden_size}-d; text: {model.text.num_blocks} "
