@@ -149,6 +149,15 @@ def test_frozen_prefix_runs_without_autograd(make_model):
     assert all(p.grad is None for n, p in model.vision.named_parameters() if not p.requires_grad)
 
 
+def test_input_gradients_flow_through_a_frozen_tower(make_model):
+    model = make_model("vit")
+    lilt.apply_plan(model, lilt.TuningPlan([{"tower": "both", "method": "lock"}]))
+    images, _ = sample_batch(model)
+    images.requires_grad_(True)
+    model.encode_image(images).sum().backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0
+
+
 def test_frozen_batchnorm_stays_in_eval_mode(make_model):
     model = make_model("cnn")
     lilt.apply_plan(model, lilt.TuningPlan([{"tower": "vision", "method": "layernorm"}]))

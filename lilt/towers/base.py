@@ -127,7 +127,9 @@ class Tower(nn.Module):
 
     def forward(self, inputs: Any) -> torch.Tensor:
         """Pooled features, with the frozen prefix run under no_grad."""
-        depth = self.frozen_prefix_depth() if torch.is_grad_enabled() else None
+        # Gradients w.r.t. the input (saliency maps, adversarial examples) need the whole graph.
+        wants_input_grad = isinstance(inputs, torch.Tensor) and inputs.requires_grad
+        depth = self.frozen_prefix_depth() if torch.is_grad_enabled() and not wants_input_grad else None
         guard = torch.no_grad() if depth is not None else contextlib.nullcontext()
         with guard:
             hidden, context = self.forward_prefix(inputs, depth or 0)
