@@ -75,6 +75,88 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def prepare_runs(base: lilt.DualEncoder, recipes: list[Path], device: torch.device, images: torch.Tensor,
+                 text: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """Apply each recipe to a copy of `base` and record what does not need timing."""
+    full_bytes = sum(t.numel() * t.element_size() for t in base.state_dict().values())
+    runs = {}
+    for recipe in recipes:
+        model = copy.deepcopy(base)
+        lilt.apply_plan(model, recipe)
+        model.to(device).train()
+        report = lilt.budget(model)
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint_bytes = (model.save_pretrained(tmp) / WEIGHTS_NAME).stat().st_size
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+        runs[recipe.stem] = {"model": model, "optimizer": optimizer, "times": [], "row": {
+            "recipe": recipe.stem, "trainable": report.trainable, "total": report.total,
+            "percent": round(report.percent, 3), "vision_percent": report.by_tower["vision"]["percent"],
+            "text_percent": report.by_tower["text"]["percent"], "checkpoint_bytes": checkpoint_bytes,
+            "checkpoint_percent_of_full": round(100 * checkpoint_bytes / full_bytes, 3),
+            "activation_bytes": saved_activation_bytes(model, images, text)}}
+    return runs
+
+
+def time_round_robin(runs: dict[str, dict], device: torch.device, images: torch.Tensor,
+                     text: dict[str, torch.Tensor], rounds: int) -> None:
+    """Time one step of every recipe per round, interleaved, so machine noise hits all alike."""
+    for round_index in range(rounds + 1):  # round 0 warms up allocators and kernels
+        for run in runs.values():
+            synchronize(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+                resident = torch.cuda.memory_allocated(device)
+            start = time.perf_counter()
+            contrastive_step(run["model"], run["optimizer"], images, text)
+            synchronize(device)
+            if round_index:
+                run["times"].append(time.perf_counter() - start)
+            if device.type == "cuda":  # what one step adds on top of everything resident
+                run["row"]["step_peak_bytes"] = torch.cuda.max_memory_allocated(device) - resident
+
+
+def summarize(runs: dict[str, dict]) -> list[dict]:
+    """Median step times and every cost as a ratio to the `full` recipe."""
+    reference = runs.get("full", next(iter(runs.values())))
+    ref_time = statistics.median(reference["times"])
+    ref_act = reference["row"]["activation_bytes"]
+    ref_peak = reference["row"].get("step_peak_bytes", 0)
+    rows = []
+    for run in runs.values():
+        row = run["row"]
+        row["step_seconds"] = round(statistics.median(run["times"]), 4)
+        row["step_time_vs_full"] = round(row["step_seconds"] / ref_time, 3)
+        row["activations_vs_full"] = round(row["activation_bytes"] / max(ref_act, 1), 3)
+        if ref_peak:
+            row["step_memory_vs_full"] = round(row["step_peak_bytes"] / ref_peak, 3)
+        rows.append(row)
+    return rows
+
+
+def write_results(rows: list[dict], meta: dict, tag: str) -> str:
+    """Write methods-<tag>.json and .md under benchmarks/results; return the Markdown."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"methods-{tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    table = [f"# Recipes on {meta['vision']} + {meta['text']}", "",
+             f"Device: {meta['device']}; torch {meta['torch']}; batch {meta['batch_size']} at {meta['image_size']} "
+             f"px; median of {meta['rounds']} round-robin steps. Full state dict: "
+             f"{meta['full_state_dict_bytes'] / 1e6:.0f} MB. {meta['note']}", "",
+             "Activations: bytes autograd saves for backward. Step memory (CUDA only): peak allocation one "
+             "step adds (activations, gradients, optimizer state growth).", "",
+             "| recipe | trainable | % of all | vision % | text % | checkpoint MB | % of full | step s | "
+             "step vs full | activations vs full | step memory vs full |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        table.append(f"| {r['recipe']} | {r['trainable']:,} | {r['percent']:.2f} | {r['vision_percent']:.2f} | "
+                     f"{r['text_percent']:.2f} | {r['checkpoint_bytes'] / 1e6:.2f} | "
+                     f"{r['checkpoint_percent_of_full']:.2f}"
+                     f" | {r['step_seconds']:.3f} | {r['step_time_vs_full']:.2f} | {r['activations_vs_full']:.2f} | "
+                     f"{r.get('step_memory_vs_full', '-')} |")
+    markdown = "\n".join(table) + "\n"
+    (RESULTS / f"methods-{tag}.md").write_text(markdown)
+    return markdown
+
+
 def main() -> None:
     """Measure every recipe and write benchmarks/results/methods-<device>.{json,md}."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -89,76 +171,18 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     base = lilt.DualEncoder.from_backbones(args.vision, args.text)
-    full_bytes = sum(t.numel() * t.element_size() for t in base.state_dict().values())
     size = base.vision.data_config["input_size"][-1]
     images = torch.randn(args.batch_size, 3, size, size, device=device)
     captions = [f"a photo of thing number {i} on a table" for i in range(args.batch_size)]
     text = {k: v.to(device) for k, v in base.tokenize(captions).items()}
-
-    runs = {}
-    for recipe in sorted(Path(args.recipes).glob("*.yaml")):
-        model = copy.deepcopy(base)
-        lilt.apply_plan(model, recipe)
-        model.to(device).train()
-        report = lilt.budget(model)
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint_bytes = (model.save_pretrained(tmp) / WEIGHTS_NAME).stat().st_size
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-        runs[recipe.stem] = {"model": model, "optimizer": optimizer, "times": [], "row": {
-            "recipe": recipe.stem, "trainable": report.trainable, "total": report.total,
-            "percent": round(report.percent, 3), "vision_percent": report.by_tower["vision"]["percent"],
-            "text_percent": report.by_tower["text"]["percent"], "checkpoint_bytes": checkpoint_bytes,
-            "checkpoint_percent_of_full": round(100 * checkpoint_bytes / full_bytes, 3),
-            "activation_bytes": saved_activation_bytes(model, images, text)}}
-    del base
-    for round_index in range(args.rounds + 1):  # round 0 warms up allocators and kernels
-        for run in runs.values():
-            synchronize(device)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-                resident = torch.cuda.memory_allocated(device)
-            start = time.perf_counter()
-            contrastive_step(run["model"], run["optimizer"], images, text)
-            synchronize(device)
-            if round_index:
-                run["times"].append(time.perf_counter() - start)
-            if device.type == "cuda":  # what one step adds on top of everything resident
-                run["row"]["step_peak_bytes"] = torch.cuda.max_memory_allocated(device) - resident
-    reference = runs.get("full", next(iter(runs.values())))
-    ref_time = statistics.median(reference["times"])
-    ref_act = reference["row"]["activation_bytes"]
-    ref_peak = reference["row"].get("step_peak_bytes", 0)
-    rows = []
-    for run in runs.values():
-        row = run["row"]
-        row["step_seconds"] = round(statistics.median(run["times"]), 4)
-        row["step_time_vs_full"] = round(row["step_seconds"] / ref_time, 3)
-        row["activations_vs_full"] = round(row["activation_bytes"] / max(ref_act, 1), 3)
-        if ref_peak:
-            row["step_memory_vs_full"] = round(row["step_peak_bytes"] / ref_peak, 3)
-        rows.append(row)
     meta = {"device": device_name(device), "torch": torch.__version__, "lilt": lilt.__version__,
             "vision": args.vision, "text": args.text, "batch_size": args.batch_size, "image_size": size,
-            "rounds": args.rounds, "full_state_dict_bytes": full_bytes, "note": args.note}
-    tag = args.tag or device.type
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"methods-{tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    table = [f"# Recipes on {args.vision} + {args.text}", "",
-             f"Device: {meta['device']}; torch {meta['torch']}; batch {args.batch_size} at {size} px; median of "
-             f"{args.rounds} round-robin steps. Full state dict: {full_bytes / 1e6:.0f} MB. {args.note}", "",
-             "Activations: bytes autograd saves for backward. Step memory (CUDA only): peak allocation one "
-             "step adds (activations, gradients, optimizer state growth).", "",
-             "| recipe | trainable | % of all | vision % | text % | checkpoint MB | % of full | step s | "
-             "step vs full | activations vs full | step memory vs full |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        table.append(f"| {r['recipe']} | {r['trainable']:,} | {r['percent']:.2f} | {r['vision_percent']:.2f} | "
-                     f"{r['text_percent']:.2f} | {r['checkpoint_bytes'] / 1e6:.2f} | "
-                     f"{r['checkpoint_percent_of_full']:.2f}"
-                     f" | {r['step_seconds']:.3f} | {r['step_time_vs_full']:.2f} | {r['activations_vs_full']:.2f} | "
-                     f"{r.get('step_memory_vs_full', '-')} |")
-    (RESULTS / f"methods-{tag}.md").write_text("\n".join(table) + "\n")
-    print("\n".join(table))
+            "rounds": args.rounds, "note": args.note,
+            "full_state_dict_bytes": sum(t.numel() * t.element_size() for t in base.state_dict().values())}
+    runs = prepare_runs(base, sorted(Path(args.recipes).glob("*.yaml")), device, images, text)
+    del base
+    time_round_robin(runs, device, images, text, args.rounds)
+    print(write_results(summarize(runs), meta, args.tag or device.type))
 
 
 if __name__ == "__main__":
