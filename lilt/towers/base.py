@@ -10,9 +10,6 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-# How a block is built decides where adapters go and how a new block can start as the identity.
-BLOCK_KINDS = ("prenorm", "postnorm", "cnn", "generic")
-
 
 def state_dict_sha256(state: Mapping[str, torch.Tensor]) -> str:
     """sha256 over names, dtypes, shapes and bytes of a state dict (order-independent)."""
@@ -35,6 +32,8 @@ class Tower(nn.Module):
     """
 
     kind: ClassVar[str] = ""
+    # How a block is built decides where adapters go and how a new block can start as the identity:
+    # "prenorm" (timm ViT), "postnorm" (BERT), "cnn" (stages), or "generic" (no adapter/deep support).
     block_kind: str = "generic"
     hidden_size: int = 0
     # Whether stem, blocks and finish can run separately; if not, only appended blocks run apart.

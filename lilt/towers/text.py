@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -16,8 +15,6 @@ from transformers.utils import logging as hf_logging
 from ..config import ConfigError, TextConfig
 from .base import Tower
 from .packaged import is_packaged, packaged_info, packaged_path
-
-logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_LENGTH = 32  # LilT trains on captions of about 30 tokens
 
@@ -94,9 +91,8 @@ class TextTower(Tower):
         # BERT-like encoders expose embeddings and layers, so the prefix can run apart and be cached.
         self.can_split = self._layers_path == "encoder.layer" and hasattr(backbone, "embeddings")
         first = self.backbone_blocks()[0] if self.backbone_blocks() else None
-        is_postnorm = first is not None and all(
-            _has_path(first, p) for p in ("attention.output.dense", "attention.output.LayerNorm",
-                                          "output.dense", "output.LayerNorm"))
+        parts = ("attention.output.dense", "attention.output.LayerNorm", "output.dense", "output.LayerNorm")
+        is_postnorm = first is not None and all(_get_path(first, p) is not None for p in parts)
         self.block_kind = "postnorm" if is_postnorm else "generic"
 
     @classmethod
@@ -154,12 +150,7 @@ class TextTower(Tower):
 
 
 def _get_path(module: nn.Module, path: str) -> Any:
-    for part in path.split("."):
-        module = getattr(module, part, None)
-        if module is None:
-            return None
-    return module
-
-
-def _has_path(module: nn.Module, path: str) -> bool:
-    return _get_path(module, path) is not None
+    try:
+        return module.get_submodule(path)
+    except AttributeError:
+        return None

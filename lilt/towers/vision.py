@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -13,8 +12,6 @@ from torch import nn
 from ..config import ConfigError, VisionConfig, did_you_mean
 from .base import Tower
 from .packaged import is_packaged, packaged_path
-
-logger = logging.getLogger(__name__)
 
 # Module names after the blocks, per family: they finish features and pool them.
 _FINISH = {
