@@ -1,4 +1,4 @@
-"""`lilt` command line: info | demo (train, eval, embed, curate and grow arrive with their issues)."""
+"""`lilt` command line: train | info | demo (eval, embed, curate and grow arrive with their issues)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .config import DEFAULT_TEXT, DEFAULT_VISION, ConfigError
+from .config import DEFAULT_TEXT, DEFAULT_VISION, ConfigError, DataError
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -46,6 +46,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(Path(args.output_dir), args.recipe_dir)
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train a recipe: its model, plan, train and data sections, with KEY=VALUE overrides."""
+    import torch
+
+    import lilt
+    from .config import DataConfig, ModelConfig, TrainConfig, apply_overrides, read_mapping
+    from .train import train
+
+    recipe = apply_overrides(read_mapping(args.recipe), args.overrides)
+    if args.output_dir:
+        recipe.setdefault("train", {})["output_dir"] = args.output_dir
+    lilt.TuningPlan.from_dict(recipe.get("plan", {}), where=f"{args.recipe}:plan")  # fail before loading weights
+    train_config = TrainConfig.from_dict(recipe.get("train", {}), where=f"{args.recipe}:train")
+    data_config = DataConfig.from_dict(recipe.get("data", {}), where=f"{args.recipe}:data")
+    torch.manual_seed(train_config.seed)  # the same fresh heads and adapters on every process
+    model = lilt.DualEncoder(ModelConfig.from_dict(recipe.get("model", {}), where=f"{args.recipe}:model"))
+    lilt.apply_plan(model, lilt.TuningPlan.from_dict(recipe["plan"], where=f"{args.recipe}:plan"))
+    result = train(model, data_config, train_config)
+    if result.metrics:
+        print(json.dumps({k: round(v, 2) for k, v in result.metrics.items() if k.endswith("R@1")}, indent=1))
+    print(f"{result.steps} steps, {result.samples_per_second:.1f} samples/s, {result.bad_items} unreadable items "
+          f"skipped; model saved to {result.output_dir / 'model'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `lilt` command."""
     parser = argparse.ArgumentParser(prog="lilt", description="Parameter-efficient contrastive alignment of "
@@ -61,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--methods", action="store_true", help="list the tuning methods and their options")
     info.set_defaults(func=cmd_info)
 
+    train = sub.add_parser("train", help="train a recipe (also under `accelerate launch -m lilt.cli train`)")
+    train.add_argument("--recipe", required=True, help="YAML/JSON recipe with model/plan/train/data sections")
+    train.add_argument("--output-dir", help="overrides train.output_dir")
+    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                       help="recipe overrides, e.g. train.steps=200 data.langs=[en,sw] model.vision.image_size=128")
+    train.set_defaults(func=cmd_train)
+
     demo = sub.add_parser("demo", help="end-to-end run on the packaged backbones (offline)")
     demo.add_argument("--output-dir", default="demo-out", help="where the checkpoint goes (default demo-out)")
     demo.add_argument("--recipe-dir", default="recipes/methods", help="recipes whose budgets to print")
@@ -74,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, FileNotFoundError, DataError) as err:
         print(f"lilt {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -29,6 +29,10 @@ class ConfigError(ValueError):
     """A configuration value is missing, unknown or out of range."""
 
 
+class DataError(ValueError):
+    """Pair data that cannot be read as asked (missing column, unknown split, too many unreadable items)."""
+
+
 def knob(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:
     """A dataclass field with help text; mutable defaults become factories."""
     if isinstance(default, (dict, list)):
@@ -96,6 +100,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return tp.from_dict(value, where=where)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        # PyYAML reads '1e-4' (no dot) as a string; accept what a person clearly meant as a number.
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
     if tp in (int, float) and isinstance(value, bool):
         raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
     if isinstance(tp, type) and not isinstance(value, tp):
@@ -249,3 +259,98 @@ class ModelConfig(ConfigBase):
             raise ConfigError(
                 "ModelConfig temperatures must satisfy 0 < min_temperature <= init_temperature <= "
                 f"max_temperature; got {self.min_temperature}, {self.init_temperature}, {self.max_temperature}.")
+
+
+@dataclass
+class DataConfig(ConfigBase):
+    """Where training pairs come from and how they are read, augmented and batched."""
+
+    source: str = knob("builtin:emoji-cldr", "pair source: 'builtin:emoji-cldr', 'builtin:tiny-random', a folder "
+                       "(imagefolder+metadata or save_to_disk), a .csv/.jsonl/.parquet file, .tar shards, a hub name")
+    split: str = knob("train", "split of the source to train on")
+    val_source: str | None = knob(None, "validation pairs; None: the same source's `val_split` when it has one")
+    val_split: str = knob("validation", "split of the validation source")
+    image_column: str = knob("image", "column holding the image (PIL, bytes/path dict or path)")
+    text_column: str = knob("text", "column holding the caption")
+    lang_column: str = knob("lang", "column holding the caption's language (optional)")
+    langs: list[str] | None = knob(None, "keep only captions in these languages (e.g. [en, sw, yo])")
+    pairs_per_lang: int | dict[str, int] | None = knob(
+        None, "cap on training pairs per language, to simulate scarce data (e.g. {sw: 200, yo: 200})")
+    max_pairs: int | None = knob(None, "use at most this many training pairs")
+    options: dict = knob({}, "options of a builtin source (emoji-cldr: keywords, val_fraction, test_fraction)")
+    streaming: bool = knob(False, "stream the source instead of reading it into a table (webdataset always streams)")
+    augment: Literal["none", "crop-flip", "randaugment", "stacked-randaugment"] = knob(
+        "crop-flip", "training augmentation on top of the tower's eval transform")
+    num_workers: int = knob(2, "DataLoader worker processes per training process")
+    pin_memory: bool = knob(True, "pin host memory for faster copies to the GPU (ignored on CPU)")
+    max_bad_fraction: float = knob(0.01, "stop when more than this fraction of an epoch's items are unreadable "
+                                   "(corrupt image, missing file, empty caption); below it they are skipped and "
+                                   "counted")
+
+    def validate(self) -> None:
+        if not 0 <= self.max_bad_fraction <= 1:
+            raise ConfigError(f"DataConfig.max_bad_fraction={self.max_bad_fraction} must be in [0, 1].")
+        if self.num_workers < 0:
+            raise ConfigError(f"DataConfig.num_workers={self.num_workers} must be >= 0.")
+
+
+@dataclass
+class TrainConfig(ConfigBase):
+    """How the trainable parameters are optimized, evaluated, logged and checkpointed."""
+
+    output_dir: str = knob("runs/lilt", "where checkpoints, logs, plots and the final model go")
+    steps: int = knob(1000, "optimizer steps in total")
+    batch_size: int = knob(128, "GLOBAL contrastive batch: pairs per step over all processes (negatives per "
+                           "sample = batch_size - 1, whatever the process count)")
+    accumulation_steps: int = knob(1, "split each batch into this many micro-batches to save memory")
+    accumulation: Literal["gradcache", "plain"] = knob(
+        "gradcache", "'gradcache': exact gradient of the whole batch's loss (all negatives); 'plain': a loss per "
+        "micro-batch (fewer negatives, as plain gradient accumulation gives)")
+    lr: float = knob(1e-4, "peak learning rate of AdamW (LilT: 1e-4)")
+    weight_decay: float = knob(0.02, "AdamW weight decay on matrices; none on biases, norms, gains and the "
+                               "logit scale (LilT: 0.02)")
+    betas: list[float] = knob([0.9, 0.999], "AdamW betas")
+    warmup_steps: int = knob(50, "linear warm-up steps before the schedule")
+    schedule: Literal["cosine", "linear", "constant"] = knob("cosine", "learning-rate decay after warm-up")
+    max_grad_norm: float | None = knob(1.0, "clip the gradient norm to this; None: no clipping")
+    loss: Literal["clip", "siglip"] = knob("clip", "contrastive loss (siglip needs ModelConfig.logit_bias)")
+    local_loss: bool = knob(False, "each process scores only its own rows against all (open_clip's local_loss)")
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = knob(
+        "auto", "autocast precision; 'auto' takes `accelerate launch`'s setting (else none)")
+    seed: int = knob(0, "seed of initialization-independent randomness: data order, augmentation, dropout")
+    log_every: int = knob(10, "steps between logged losses")
+    eval_every: int = knob(0, "steps between validation retrieval evaluations (0: only at the end)")
+    save_every: int = knob(0, "steps between resumable checkpoints (0: only at the end)")
+    keep_checkpoints: int = knob(2, "resumable checkpoints kept (older ones are deleted)")
+    resume: str = knob("auto", "'auto': continue from the latest checkpoint in output_dir if any; 'never'; "
+                       "or a checkpoint folder")
+    report_to: list[str] = knob(["tensorboard"], "trackers by accelerate name (tensorboard, wandb, ...); [] for none")
+    max_nonfinite_steps: int = knob(5, "stop after this many consecutive steps with a non-finite loss (each is "
+                                    "skipped)")
+    eval_batch_size: int = knob(256, "batch size for embedding validation data")
+
+    def validate(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.accumulation_steps < 1:
+            raise ConfigError(f"TrainConfig: steps={self.steps}, batch_size={self.batch_size} and "
+                              f"accumulation_steps={self.accumulation_steps} must all be >= 1.")
+        if self.batch_size % self.accumulation_steps:
+            raise ConfigError(f"TrainConfig.batch_size={self.batch_size} is not divisible by "
+                              f"accumulation_steps={self.accumulation_steps}.")
+        if len(self.betas) != 2:
+            raise ConfigError(f"TrainConfig.betas={self.betas} must hold two numbers.")
+
+
+def apply_overrides(data: dict[str, Any], overrides: typing.Sequence[str]) -> dict[str, Any]:
+    """Set `section.key=value` pairs (values parsed as YAML: 3, 1e-4, [en, sw], {sw: 100}) in a recipe mapping."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not KEY=VALUE (e.g. train.steps=200 or data.langs=[en,sw]).")
+        *parents, leaf = key.split(".")
+        node = data
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section.")
+        node[leaf] = yaml.safe_load(raw)
+    return data

@@ -1,0 +1,137 @@
+"""Image transforms from the vision tower's timm data config, and the collate function of a pair batch.
+
+Images are decoded in the collate function (so in DataLoader workers), not by `datasets`: a corrupt
+or missing file then becomes a counted, named skip instead of an exception deep inside a worker.
+Augmentation is seeded per sample from (seed, epoch, row), so a batch is the same whether the run
+was resumed, how many workers load it, or how many processes train.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import timm.data
+import torch
+from PIL import Image
+
+AUGMENTATIONS = ("none", "crop-flip", "randaugment", "stacked-randaugment")
+# timm auto-augment strings: RandAugment with 2 ops at magnitude 9 (timm's ImageNet default), and
+# a stronger stacked variant (3 ops, magnitude 15, magnitude noise) after Scaling Down CLIP's "stacked RA".
+_RAND_AUGMENT = {"randaugment": "rand-m9-n2-mstd0.5", "stacked-randaugment": "rand-m15-n3-mstd1.0-inc1"}
+
+
+def image_transform(data_config: Mapping[str, Any], augment: str = "none", train: bool = True) -> Callable:
+    """timm preprocessing for a tower's data config: eval = resize + center crop; train = the chosen preset."""
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation {augment!r}; choose one of {', '.join(AUGMENTATIONS)}.")
+    config = dict(data_config)
+    if not train or augment == "none":
+        return timm.data.create_transform(**config, is_training=False)
+    return timm.data.create_transform(
+        **config, is_training=True, hflip=0.5, color_jitter=None, re_prob=0.0,
+        auto_augment=_RAND_AUGMENT.get(augment), scale=(0.5, 1.0) if augment == "crop-flip" else (0.08, 1.0))
+
+
+def decode_image(value: Any) -> Image.Image:
+    """A PIL RGB image from what a pair source holds: PIL image, {'bytes', 'path'} dict, path or bytes."""
+    if isinstance(value, Image.Image):
+        image = value
+    elif isinstance(value, dict):
+        if value.get("bytes"):
+            image = Image.open(io.BytesIO(value["bytes"]))
+        elif value.get("path"):
+            image = Image.open(value["path"])
+        else:
+            raise ValueError("image entry has neither bytes nor a path")
+    elif isinstance(value, (bytes, bytearray)):
+        image = Image.open(io.BytesIO(value))
+    elif isinstance(value, str):
+        image = Image.open(value)
+    else:
+        raise ValueError(f"cannot read an image from a {type(value).__name__}")
+    image.load()  # decode now, inside the try of the caller: truncated files fail here
+    if image.mode == "P" or image.mode == "RGBA" or image.mode == "LA":
+        # Composite transparency on white (emoji, logos) rather than on black garbage.
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(canvas, rgba)
+    return image.convert("RGB")
+
+
+def describe(value: Any, row: Any) -> str:
+    """A short name for a bad item: its file path when it has one, else its row."""
+    if isinstance(value, dict) and value.get("path"):
+        return str(value["path"])
+    if isinstance(value, str):
+        return value
+    return f"row {row}"
+
+
+@dataclass
+class PairCollator:
+    """Decode, transform and tokenize a list of pairs; skip and name the bad ones."""
+
+    transform: Callable[[Image.Image], torch.Tensor]
+    tokenize: Callable[[Sequence[str]], Mapping[str, torch.Tensor]] | None  # None: images only
+    seed: int = 0
+    image_column: str = "image"
+    text_column: str = "text"
+    extra_columns: tuple[str, ...] = field(default=("lang",))
+
+    def __call__(self, items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """One batch: pixel_values, input_ids, attention_mask, kept rows, and the names of skipped items."""
+        pixels, texts, keep, bad = [], [], [], []
+        for item in items:
+            row = item.get("__row__")
+            text = item.get(self.text_column)
+            if self.tokenize is not None and (not isinstance(text, str) or not text.strip()):
+                bad.append(f"{describe(item.get(self.image_column), row)} (empty caption)")
+                continue
+            try:
+                image = decode_image(item.get(self.image_column))
+                with _seeded(self.seed, item.get("__epoch__", 0), row):
+                    pixels.append(self.transform(image))
+            except Exception as error:  # any undecodable image is data, not a bug: count it and go on
+                bad.append(f"{describe(item.get(self.image_column), row)} ({type(error).__name__}: {error})"[:300])
+                continue
+            texts.append(text)
+            keep.append(item)
+        batch: dict[str, Any] = {"bad": bad, "seen": len(items)}
+        if pixels:
+            batch["pixel_values"] = torch.stack(pixels)
+            if self.tokenize is not None:
+                batch.update(self.tokenize(texts))
+        batch["rows"] = torch.tensor([-1 if i.get("__row__") is None else i["__row__"] for i in keep])
+        for column in self.extra_columns:
+            batch[column] = [i.get(column) for i in keep]
+        return batch
+
+
+class _seeded:
+    """Seed python, numpy and torch RNGs for one sample and restore them afterwards.
+
+    timm's RandAugment draws from `random` and `numpy`, torchvision's crops from torch; restoring the
+    state keeps the training loop's own random stream (dropout) independent of data loading.
+    """
+
+    def __init__(self, seed: int, epoch: int, row: Any) -> None:
+        self.seed = hash((seed, epoch, row)) & 0x7FFFFFFF if row is not None else None
+
+    def __enter__(self) -> None:
+        if self.seed is None:
+            return
+        self.state = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+        random.seed(self.seed)
+        np.random.seed(self.seed)
+        torch.random.default_generator.manual_seed(self.seed)  # CPU only: CUDA dropout streams stay
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.seed is None:
+            return
+        random.setstate(self.state[0])
+        np.random.set_state(self.state[1])
+        torch.random.set_rng_state(self.state[2])

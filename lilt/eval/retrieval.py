@@ -1,0 +1,134 @@
+"""Image-text retrieval: embed each distinct image and each caption once, then recall@K in chunks.
+
+An image may have several captions (several languages, or several annotators as in COCO): image->text
+counts a hit when any of its captions ranks in the top K; text->image when the caption's own image
+does. A candidate only outranks the positive when its score is strictly higher. Scores are computed
+a block of queries at a time, so the full similarity matrix is never held in memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import torch
+from tqdm.auto import tqdm
+
+from ..data.loader import pair_loader
+from ..data.transforms import PairCollator
+
+
+@dataclass
+class EmbeddedPairs:
+    """Embeddings of distinct images and of all captions, with each caption's image and language."""
+
+    images: torch.Tensor
+    texts: torch.Tensor
+    text_image: torch.Tensor
+    langs: list[str] | None
+    skipped: list[str]
+
+
+def image_keys(data: datasets.Dataset) -> list[Any]:
+    """An identity per row's image: its file path when it has one, else the row itself."""
+    column = data.data.column("image").combine_chunks()
+    if pa.types.is_struct(column.type):
+        paths = column.field("path").to_pylist()
+    elif pa.types.is_string(column.type):
+        paths = column.to_pylist()
+    else:
+        paths = [None] * len(column)
+    return [p if p else ("row", i) for i, p in enumerate(paths)]
+
+
+@torch.inference_mode()
+def embed_pairs(model: Any, data: datasets.Dataset, *, features: bool = False, batch_size: int = 256,
+                num_workers: int = 0, progress: bool = False) -> EmbeddedPairs:
+    """Embed each distinct image and every caption; `features=True` gives the towers' pooled features instead."""
+    was_training = model.training
+    model.eval()
+    keys = image_keys(data)
+    first: dict[Any, int] = {}
+    unique_rows = []
+    for row, key in enumerate(keys):
+        if key not in first:
+            first[key] = len(unique_rows)
+            unique_rows.append(row)
+    text_image = torch.tensor([first[k] for k in keys])
+    collate = PairCollator(model.image_transform(train=False), tokenize=None, extra_columns=())
+    loader = pair_loader(data.select(unique_rows), collate, batch_size, shuffle=False, drop_last=False,
+                         num_workers=num_workers)
+    encode_image = model.vision if features else model.encode_image
+    images, kept, skipped = [], [], []
+    for batch in tqdm(loader, disable=not progress, desc="images", leave=False):
+        skipped += batch["bad"]
+        if "pixel_values" in batch:
+            images.append(encode_image(batch["pixel_values"].to(model.device)).float().cpu())
+            kept.append(batch["rows"])
+    images_t = torch.cat(images)
+    # Images that could not be read take their captions out of the evaluation (reported in `skipped`).
+    remap = torch.full((len(unique_rows),), -1, dtype=torch.long)
+    remap[torch.cat(kept)] = torch.arange(len(images_t))
+    text_image = remap[text_image]
+    texts = data["text"]
+    encode_text = model.text if features else model.encode_text
+    chunks = [encode_text({k: v.to(model.device) for k, v in model.tokenize(texts[s:s + batch_size]).items()})
+              .float().cpu() for s in tqdm(range(0, len(texts), batch_size), disable=not progress, desc="texts",
+                                           leave=False)]
+    model.train(was_training)
+    langs = data["lang"] if "lang" in data.column_names else None
+    valid = text_image >= 0
+    if not bool(valid.all()):
+        langs = [lang for lang, ok in zip(langs, valid.tolist()) if ok] if langs is not None else None
+    return EmbeddedPairs(images_t, torch.cat(chunks)[valid], text_image[valid], langs, skipped)
+
+
+def recall_at_k(images: torch.Tensor, texts: torch.Tensor, text_image: torch.Tensor,
+                k: Sequence[int] = (1, 5, 10), chunk: int = 1024) -> dict[str, float]:
+    """Image->text and text->image recall@K (in %) for L2-normalized embeddings; text_image[j] = image of text j."""
+    n_images = images.shape[0]
+    # text -> image: rank of the caption's own image among all images.
+    t2i_rank = torch.empty(len(texts), dtype=torch.long)
+    for s in range(0, len(texts), chunk):
+        scores = texts[s:s + chunk] @ images.t()
+        positive = scores.gather(1, text_image[s:s + chunk, None])
+        t2i_rank[s:s + chunk] = (scores > positive).sum(1)
+    # image -> text: rank of the image's best-scoring caption among all captions.
+    i2t_rank = torch.empty(n_images, dtype=torch.long)
+    for s in range(0, n_images, chunk):
+        scores = images[s:s + chunk] @ texts.t()
+        own = text_image[None, :] == torch.arange(s, min(s + chunk, n_images))[:, None]
+        best = scores.masked_fill(~own, float("-inf")).max(1, keepdim=True).values
+        i2t_rank[s:s + chunk] = (scores > best).sum(1)
+    has_caption = torch.bincount(text_image, minlength=n_images) > 0
+    i2t_rank = i2t_rank[has_caption]
+    out = {}
+    for kk in k:
+        out[f"i2t/R@{kk}"] = 100.0 * float((i2t_rank < kk).float().mean())
+        out[f"t2i/R@{kk}"] = 100.0 * float((t2i_rank < kk).float().mean())
+    out["mean_recall"] = float(np.mean([out[f"{d}/R@{kk}"] for d in ("i2t", "t2i") for kk in k]))
+    return out
+
+
+def retrieval_by_lang(embedded: EmbeddedPairs, k: Sequence[int] = (1, 5, 10)) -> dict[str, dict[str, float]]:
+    """Recall per caption language (that language's captions vs the images they describe) and pooled ('all')."""
+    out = {"all": recall_at_k(embedded.images, embedded.texts, embedded.text_image, k)}
+    if embedded.langs is None:
+        return out
+    langs = np.asarray(embedded.langs)
+    for lang in sorted(set(embedded.langs)):
+        rows = torch.from_numpy(np.flatnonzero(langs == lang))
+        own_images, text_image = torch.unique(embedded.text_image[rows], return_inverse=True)
+        out[lang] = recall_at_k(embedded.images[own_images], embedded.texts[rows], text_image, k)
+        out[lang]["images"], out[lang]["texts"] = len(own_images), len(rows)
+    return out
+
+
+def evaluate_retrieval(model: Any, data: datasets.Dataset, k: Sequence[int] = (1, 5, 10), *, batch_size: int = 256,
+                       num_workers: int = 0, progress: bool = False) -> dict[str, dict[str, float]]:
+    """Retrieval recall@K in both directions, per language and pooled, for a DualEncoder on pair data."""
+    return retrieval_by_lang(embed_pairs(model, data, batch_size=batch_size, num_workers=num_workers,
+                                         progress=progress), k)

@@ -1,0 +1,137 @@
+"""Pair sources of every kind, the collate function's handling of bad items, seeded augmentation."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lilt.config import DataError
+from lilt.data import PairCollator, image_transform, load_pairs, pair_loader
+
+DATA_CONFIG = {"input_size": (3, 16, 16), "interpolation": "bilinear", "mean": (0.5,) * 3, "std": (0.5,) * 3,
+               "crop_pct": 1.0}
+CAPTIONS = ["a red square", "a blue circle", "a green tree", "a small dog", "a black cat", "a white boat"]
+
+
+def write_images(folder: Path, n: int, corrupt: int = 0, size: int = 16) -> list[str]:
+    """n PNG files (the first `corrupt` of them truncated garbage); returns their file names."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    names = []
+    for i in range(n):
+        name = f"img{i:03d}.png"
+        if i < corrupt:
+            (folder / name).write_bytes(b"\x89PNG\r\n\x1a\n not really an image")
+        else:
+            Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / name)
+        names.append(name)
+    return names
+
+
+def write_imagefolder(folder: Path, n: int, corrupt: int = 0) -> Path:
+    """An imagefolder with metadata.jsonl (file_name, caption, lang)."""
+    names = write_images(folder, n, corrupt)
+    lines = [json.dumps({"file_name": name, "caption": CAPTIONS[i % len(CAPTIONS)], "lang": "en"})
+             for i, name in enumerate(names)]
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def collator(tokenize=lambda texts: {"input_ids": torch.zeros(len(texts), 3, dtype=torch.long)}, **kw):
+    return PairCollator(image_transform(DATA_CONFIG, kw.pop("augment", "none")), tokenize, **kw)
+
+
+def test_imagefolder_with_metadata_and_caption_column(tmp_path: Path) -> None:
+    folder = write_imagefolder(tmp_path / "f", 6)
+    with pytest.raises(DataError, match="text_column"):
+        load_pairs(folder)
+    data = load_pairs(folder, text_column="caption")
+    assert data.column_names == ["image", "text", "lang"] and len(data) == 6
+    assert data[0]["text"] == "a red square" and Path(data[0]["image"]["path"]).is_file()
+
+
+@pytest.mark.parametrize("kind", ["csv", "jsonl", "parquet"])
+def test_tables_resolve_image_paths_relative_to_the_table(tmp_path: Path, kind: str) -> None:
+    names = write_images(tmp_path / "imgs", 4)
+    table = datasets.Dataset.from_dict({"file": [f"imgs/{n}" for n in names], "caption": CAPTIONS[:4]})
+    path = tmp_path / f"pairs.{kind}"
+    {"csv": table.to_csv, "jsonl": table.to_json, "parquet": table.to_parquet}[kind](str(path))
+    data = load_pairs(path, image_column="file", text_column="caption")
+    assert len(data) == 4 and Path(data[3]["image"]).is_file()
+    batch = collator()([{**row, "__row__": i} for i, row in enumerate(data)])
+    assert batch["pixel_values"].shape == (4, 3, 16, 16) and batch["bad"] == []
+
+
+def test_save_to_disk_dataset_dict_and_split_errors(tmp_path: Path) -> None:
+    names = write_images(tmp_path / "imgs", 4)
+    rows = {"image": [str(tmp_path / "imgs" / n) for n in names], "text": CAPTIONS[:4]}
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows),
+                          "test": datasets.Dataset.from_dict(rows)}).save_to_disk(str(tmp_path / "dd"))
+    assert len(load_pairs(tmp_path / "dd", "test")) == 4
+    with pytest.raises(DataError, match="no split 'validation'"):
+        load_pairs(tmp_path / "dd", "validation")
+
+
+def test_webdataset_shards_stream(tmp_path: Path) -> None:
+    shard = tmp_path / "shard-000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i in range(5):
+            buffer = io.BytesIO()
+            Image.new("RGB", (16, 16), (i * 40, 0, 0)).save(buffer, format="JPEG")
+            for ext, payload in (("jpg", buffer.getvalue()), ("txt", CAPTIONS[i].encode())):
+                info = tarfile.TarInfo(f"sample{i:03d}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    data = load_pairs(shard)
+    assert isinstance(data, datasets.IterableDataset)
+    rows = list(data)
+    assert [r["text"] for r in rows] == CAPTIONS[:5]
+    batch = next(iter(pair_loader(data, collator(), 4, shuffle=False)))
+    assert batch["pixel_values"].shape == (4, 3, 16, 16)
+
+
+def test_unknown_spec_and_builtin_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="emoji-cldr"):
+        load_pairs("builtin:emoji-cdlr")
+    with pytest.raises(DataError, match="cannot read pairs"):
+        load_pairs(str(tmp_path))
+
+
+def test_collate_skips_and_names_bad_items(tmp_path: Path) -> None:
+    names = write_images(tmp_path, 4, corrupt=1)
+    items = [{"image": {"path": str(tmp_path / n), "bytes": None}, "text": CAPTIONS[i], "__row__": i}
+             for i, n in enumerate(names)]
+    items[2]["text"] = "  "
+    items.append({"image": {"path": str(tmp_path / "missing.png"), "bytes": None}, "text": "x", "__row__": 4})
+    batch = collator()(items)
+    assert batch["seen"] == 5 and batch["rows"].tolist() == [1, 3]
+    assert len(batch["bad"]) == 3
+    assert "img000.png" in batch["bad"][0] and "empty caption" in batch["bad"][1] and "missing.png" in batch["bad"][2]
+
+
+def test_augmentation_is_seeded_per_sample_and_epoch_and_leaves_the_global_rng_alone(tmp_path: Path) -> None:
+    names = write_images(tmp_path, 2, size=32)
+    item = {"image": {"path": str(tmp_path / names[1]), "bytes": None}, "text": "x", "__row__": 7}
+    collate = collator(augment="randaugment", seed=3)
+    torch.manual_seed(0)
+    before = torch.random.get_rng_state()
+    a = collate([{**item, "__epoch__": 0}])["pixel_values"]
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert torch.equal(a, collate([{**item, "__epoch__": 0}])["pixel_values"])
+    assert not torch.equal(a, collate([{**item, "__epoch__": 1}])["pixel_values"])
+
+
+def test_pairs_per_lang_and_langs_filter() -> None:
+    data = load_pairs("builtin:tiny-random", langs=["en", "sw"], pairs_per_lang={"sw": 3}, n=30)
+    langs = data["lang"]
+    assert set(langs) == {"en", "sw"} and langs.count("sw") == 3 and langs.count("en") == 10
+    assert load_pairs("builtin:tiny-random", langs=["en", "sw"], pairs_per_lang={"sw": 3}, n=30)["text"] == \
+        data["text"]

@@ -1,0 +1,161 @@
+"""The training loop: exact accumulation, 2 processes vs 1, kill and resume, bad data, non-finite losses."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import lilt
+from lilt.config import DataConfig, DataError, TrainConfig
+from lilt.losses import clip_loss
+from lilt.train import grad_cache_backward, train
+from test_data import write_imagefolder
+
+REPO = Path(__file__).resolve().parents[1]
+NO_DROPOUT = {"model_kwargs": {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}}
+LWA = REPO / "recipes" / "methods" / "lwa.yaml"
+
+
+@pytest.fixture()
+def recipe(tiny_dirs: dict[str, Path], tmp_path: Path) -> Path:
+    """A training recipe on the tiny ViT + BERT (no dropout, so runs on 1 and 2 processes can match)."""
+    data = {
+        "model": {"vision": {"name": str(tiny_dirs["vit"]), "image_size": 32},
+                  "text": {"name": str(tiny_dirs["bert"]), **NO_DROPOUT}, "embed_dim": 16},
+        "plan": yaml.safe_load(LWA.read_text())["plan"],
+        "train": {"steps": 6, "batch_size": 8, "log_every": 1, "report_to": [], "warmup_steps": 2, "lr": 1e-3},
+        "data": {"source": "builtin:tiny-random", "num_workers": 0, "options": {"n": 32}},
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def lilt_train(recipe: Path, out: Path, *overrides: str, processes: int = 1) -> subprocess.CompletedProcess:
+    """Run `lilt train` in a subprocess, under `accelerate launch` with cpu-2proc.yaml for 2 processes."""
+    args = ["-m", "lilt.cli", "train", "--recipe", str(recipe), "--output-dir", str(out), *overrides]
+    if processes == 2:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(REPO / "recipes" / "accelerate" / "cpu-2proc.yaml"), *args]
+    else:
+        cmd = [sys.executable, *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "model" / "model.safetensors"))
+
+
+def losses(out: Path) -> list[float]:
+    return [h["loss"] for h in map(json.loads, (out / "history.jsonl").read_text().splitlines()) if "loss" in h]
+
+
+def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def test_grad_cache_gives_the_full_batch_gradient(make_model) -> None:
+    from accelerate import Accelerator
+
+    model = make_model("vit", text_options=NO_DROPOUT)
+    lilt.apply_plan(model, LWA)
+    model.double()  # float64, so that "equal" means equal and not "within float32 summation-order noise"
+    size = model.vision.data_config["input_size"][-1]
+    inputs = {"pixel_values": torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(1)).double(),
+              **model.tokenize([f"caption {w} number {i}" for i, w in enumerate("abcdefgh")])}
+    params = [p for p in model.parameters() if p.requires_grad]
+    with torch.no_grad():  # move off the zero-initialized adapters so that every tensor gets a gradient
+        for p in params:
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()), dtype=p.dtype))
+    out = model(**inputs)
+    clip_loss(out.image_embeds, out.text_embeds, out.logit_scale).backward()
+    full = [p.grad.clone() for p in params]
+    model.zero_grad()
+    loss_fn = lambda i, t, s, b: clip_loss(i, t, s)  # noqa: E731
+    loss = grad_cache_backward(model, model, inputs, 4, loss_fn, Accelerator(cpu=True))
+    full_loss = clip_loss(out.image_embeds, out.text_embeds, out.logit_scale).detach()
+    assert loss == pytest.approx(float(full_loss), rel=1e-9)
+    worst = max(float((p.grad - f).norm() / f.norm().clamp_min(1e-12)) for p, f in zip(params, full))
+    assert worst < 1e-5
+    assert all(f.abs().sum() > 0 for f in full)  # every trainable tensor really got a gradient
+
+
+@pytest.mark.parametrize("overrides", [(), ("train.accumulation_steps=2",)], ids=["global-negatives", "gradcache"])
+def test_two_processes_match_one_process_on_the_same_global_batch(recipe: Path, tmp_path: Path, overrides) -> None:
+    lilt_train(recipe, tmp_path / "one", *overrides)
+    lilt_train(recipe, tmp_path / "two", *overrides, processes=2)
+    assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "two"), abs=1e-5)
+    assert max_difference(weights(tmp_path / "one"), weights(tmp_path / "two")) < 1e-5
+    assert losses(tmp_path / "one")[0] > losses(tmp_path / "one")[-1]  # it trained
+    # The loss at step 1 scores 8 pairs against each other (7 negatives), not 4 per process: ln(8) ~ 2.08.
+    assert losses(tmp_path / "two")[0] == pytest.approx(2.08, abs=0.1)
+
+
+def test_sigkill_and_resume_ends_with_the_same_weights(recipe: Path, tmp_path: Path) -> None:
+    overrides = ("train.steps=120", "train.save_every=20", "train.log_every=10", "data.options.n=48")
+    lilt_train(recipe, tmp_path / "straight", *overrides)
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "lilt.cli", "train", "--recipe", str(recipe), "--output-dir", str(out), *overrides]
+    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+    deadline = time.time() + 120
+    while not (out / "checkpoints" / "step-20" / "trainer_state.json").exists():
+        assert process.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (out / "model").exists(), "the run finished before it was killed; the test proves nothing"
+    lilt_train(recipe, out, *overrides)
+    assert json.loads((out / "checkpoints" / "step-120" / "trainer_state.json").read_text())["step"] == 120
+    assert max_difference(weights(tmp_path / "straight"), weights(out)) < 1e-6
+    assert len(list((out / "checkpoints").iterdir())) == 2  # keep_checkpoints
+
+
+def tiny_model(make_model) -> lilt.DualEncoder:
+    model = make_model("vit", text_options=NO_DROPOUT)
+    lilt.apply_plan(model, LWA)
+    return model
+
+
+def test_a_few_corrupt_images_are_skipped_and_counted(make_model, tmp_path: Path) -> None:
+    folder = write_imagefolder(tmp_path / "f", 100, corrupt=3)
+    config = TrainConfig(output_dir=str(tmp_path / "out"), steps=12, batch_size=16, report_to=[], resume="never")
+    data = DataConfig(source=str(folder), text_column="caption", num_workers=0, max_bad_fraction=0.05)
+    result = train(tiny_model(make_model), data, config)
+    assert result.steps == 12
+    assert result.bad_items == 6  # 3 per epoch, 2 epochs (6 batches of 16 per epoch)
+
+
+def test_too_many_corrupt_images_stop_with_the_documented_error(make_model, tmp_path: Path) -> None:
+    folder = write_imagefolder(tmp_path / "f", 40, corrupt=12)
+    config = TrainConfig(output_dir=str(tmp_path / "out"), steps=20, batch_size=8, report_to=[], resume="never")
+    data = DataConfig(source=str(folder), text_column="caption", num_workers=0)
+    with pytest.raises(DataError, match=r"12 of 40 items \(30.0%\).*max_bad_fraction=0.01.*img0\d\d.png"):
+        train(tiny_model(make_model), data, config)
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run(make_model, tmp_path: Path, monkeypatch) -> None:
+    import lilt.train as train_module
+
+    model = tiny_model(make_model)
+    before = {k: v.clone() for k, v in model.delta_state_dict().items()}
+    nan_loss = lambda i, t, s, b: (i * t).sum() * float("nan")  # noqa: E731
+    monkeypatch.setattr(train_module, "contrastive_loss", lambda config: nan_loss)
+    config = TrainConfig(output_dir=str(tmp_path / "out"), steps=10, batch_size=8, report_to=[], resume="never",
+                         max_nonfinite_steps=3)
+    with pytest.raises(FloatingPointError, match="3 steps in a row"):
+        train(model, "builtin:tiny-random", config, data_config=DataConfig(num_workers=0))
+    assert max_difference(before, model.delta_state_dict()) == 0.0
