@@ -9,7 +9,11 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: install demo test test-slow lint clean
+# builtin:emoji-cldr (the demo's data) is rendered from two Debian packages.
+APT_PACKAGES := fonts-noto-color-emoji unicode-cldr-core
+SYSTEM_FILES := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf /usr/share/unicode/cldr/common/annotations/en.xml
+
+.PHONY: install system-data demo test test-slow lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,10 +23,23 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-demo: $(STAMP)
+# Installs the packages when run as root with apt-get; otherwise prints the command and fails.
+system-data:
+	@if ls $(SYSTEM_FILES) >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing $(APT_PACKAGES) (builtin:emoji-cldr)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \
+	else \
+		echo "builtin:emoji-cldr needs two Debian packages. Run:  sudo apt-get install -y $(APT_PACKAGES)"; \
+		exit 1; \
+	fi
+
+demo: $(STAMP) system-data
 	$(BIN)/lilt demo
 
+# Without the packages (and not root) the tests that need them are skipped, with the command printed.
 test: $(STAMP)
+	-@$(MAKE) --no-print-directory system-data
 	$(BIN)/python -m flake8 lilt tests examples benchmarks
 	$(BIN)/python -m pytest -m "not slow"
 

@@ -4,6 +4,8 @@
     model = lilt.DualEncoder.from_backbones("packaged:efficientnet-lite0", "packaged:multilingual-e5-small")
     lilt.apply_plan(model, "recipes/methods/lwa.yaml")
     print(lilt.budget(model))
+    lilt.train(model, "builtin:emoji-cldr", lilt.TrainConfig(steps=200, batch_size=32))
+    print(lilt.evaluate_retrieval(model, lilt.load_pairs("builtin:emoji-cldr:test", langs=["en", "sw"])))
     model.save_pretrained("out/")
 """
 
@@ -14,8 +16,10 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-# Public names and the module that defines each. Loaded on first use, so `import lilt` (and the CLI's
-# --help) does not pay for importing torch, timm, transformers and peft.
+# Public names and the module that defines each, loaded on first use, so `import lilt` (and the CLI's
+# --help) does not pay for importing torch, timm, transformers and peft. The loop lives in
+# lilt/training.py, not lilt/train.py as DESIGN.md sketched: a submodule named `train` would replace
+# the `lilt.train(...)` function as soon as anything imported it.
 _EXPORTS = {
     "DualEncoder": "lilt.model",
     "DualEncoderOutput": "lilt.model",
@@ -30,6 +34,14 @@ _EXPORTS = {
     "VisionConfig": "lilt.config",
     "TextConfig": "lilt.config",
     "ConfigError": "lilt.config",
+    "DataConfig": "lilt.config",
+    "TrainConfig": "lilt.config",
+    "DataError": "lilt.config",
+    "train": "lilt.training",
+    "TrainResult": "lilt.training",
+    "load_pairs": "lilt.data",
+    "evaluate_retrieval": "lilt.eval",
+    "RidgeMap": "lilt.baselines",
     "VisionTower": "lilt.towers.vision",
     "TextTower": "lilt.towers.text",
     "METHODS": "lilt.methods",

@@ -40,10 +40,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Load the packaged backbones offline, show they work, print budgets, save a checkpoint."""
+    """Tune the packaged backbones on built-in multilingual data; before/after table, plot and checkpoint."""
     from .demo import run_demo
 
-    return run_demo(Path(args.output_dir), args.recipe_dir)
+    return run_demo(Path(args.output_dir), args.recipe, args.overrides)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -52,7 +52,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     import lilt
     from .config import DataConfig, ModelConfig, TrainConfig, apply_overrides, read_mapping
-    from .train import train
+    from .training import train
 
     recipe = apply_overrides(read_mapping(args.recipe), args.overrides)
     if args.output_dir:
@@ -94,8 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     demo = sub.add_parser("demo", help="end-to-end run on the packaged backbones (offline)")
-    demo.add_argument("--output-dir", default="demo-out", help="where the checkpoint goes (default demo-out)")
-    demo.add_argument("--recipe-dir", default="recipes/methods", help="recipes whose budgets to print")
+    demo.add_argument("--output-dir", default="demo-out", help="results, plot and model (default demo-out)")
+    demo.add_argument("--recipe", default="recipes/demo.yaml", help="the demo's recipe (default recipes/demo.yaml)")
+    demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. train.steps=50")
     demo.set_defaults(func=cmd_demo)
     return parser
 

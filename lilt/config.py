@@ -328,6 +328,12 @@ class TrainConfig(ConfigBase):
     max_nonfinite_steps: int = knob(5, "stop after this many consecutive steps with a non-finite loss (each is "
                                     "skipped)")
     eval_batch_size: int = knob(256, "batch size for embedding validation data")
+    head_warmup_epochs: int = knob(0, "LP-FT: before training, fit the heads and temperature alone for this many "
+                                   "epochs on the frozen towers' features of the training pairs, computed once "
+                                   "(cheap; tower updates then start from aligned heads, not random ones)")
+    head_warmup_lr: float = knob(1e-3, "learning rate of the head warm-up")
+    head_warmup_batch_size: int | None = knob(None, "batch size of the head warm-up (None: batch_size); larger is "
+                                              "cheap there, as only the heads run")
 
     def validate(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.accumulation_steps < 1:

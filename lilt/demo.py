@@ -1,100 +1,140 @@
-"""`lilt demo`: the packaged backbones end to end, offline (training joins when `lilt train` lands)."""
+"""`lilt demo`: tune the packaged backbones on built-in multilingual emoji data, offline, and show what it gained.
+
+Four models are compared on the test emoji (never seen in training), per caption language:
+1. untrained heads on the frozen towers (the starting point);
+2. a closed-form baseline: a ridge map between the frozen towers' features, fitted on the training pairs;
+3. the heads alone, fitted contrastively on the frozen features (the recipe's head warm-up, LP-FT's "LP");
+4. the recipe's model (LilT's layer-wise adapters + norms by default) trained from there on the same pairs.
+Languages listed under `eval.langs` but absent from the training data show zero-shot transfer through the
+multilingual text tower.
+"""
 
 from __future__ import annotations
 
-import copy
-import os
+import dataclasses
+import json
 import time
 from pathlib import Path
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .config import DEFAULT_TEXT, DEFAULT_VISION
-from .model import WEIGHTS_NAME, DualEncoder
-from .plan import apply_plan, budget
-from .towers.packaged import lilt_home
+from .baselines import fit_ridge, pair_features, ridge_retrieval
+from .config import DataConfig, ModelConfig, TrainConfig, apply_overrides, read_mapping
+from .eval.retrieval import EmbeddedPairs, evaluate_retrieval, retrieval_by_lang
+from .model import DualEncoder
+from .plan import TuningPlan, apply_plan, budget
+from .training import resolve_data, train, warm_up_heads
 
-CAPTIONS = {"en": "a cat", "es": "un gato", "de": "eine Katze", "sw": "paka", "fr": "un chat",
-            "unrelated 1": "a red car", "unrelated 2": "the stock market fell"}
-
-
-def _vision_sanity() -> None:
-    """ImageNet top-3 of the packaged EfficientNet-Lite0 on public-domain photos from scikit-image."""
-    try:
-        from skimage import data
-    except ImportError:
-        print("  (scikit-image is not installed: `pip install scikit-image` to see ImageNet predictions)")
-        return
-    import timm
-    from PIL import Image
-    from timm.data import ImageNetInfo
-
-    from .towers.packaged import packaged_path
-
-    classifier = timm.create_model("local-dir:" + str(packaged_path(DEFAULT_VISION)), pretrained=True).eval()
-    transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=classifier))
-    names = ImageNetInfo()
-    for photo in ("chelsea", "coffee", "rocket"):
-        image = Image.fromarray(getattr(data, photo)()).convert("RGB")
-        with torch.inference_mode():
-            probs = classifier(transform(image).unsqueeze(0)).softmax(-1)[0]
-        top = probs.topk(3)
-        guesses = ", ".join(f"{names.index_to_description(int(i))} {float(p):.2f}" for p, i in zip(*top))
-        print(f"  {photo:<9} -> {guesses}")
+MODELS = ("untrained", "ridge", "heads", "trained")
 
 
-def _text_sanity(model: DualEncoder) -> None:
-    """Cosine similarity of the frozen text tower's pooled features to 'a cat'."""
+def head_embeddings(model: DualEncoder, features: EmbeddedPairs) -> EmbeddedPairs:
+    """Embeddings from precomputed frozen-tower features through the model's (untrained) heads."""
     with torch.inference_mode():
-        feats = F.normalize(model.text(model.tokenize(list(CAPTIONS.values()))), dim=-1)
-    sims = feats @ feats[0]
-    for (lang, text), sim in zip(list(CAPTIONS.items())[1:], sims[1:]):
-        print(f"  {text!r:<26} ({lang:<11}) {float(sim):.3f}")
+        images = F.normalize(model.vision_proj(features.images.to(model.device)), dim=-1).cpu()
+        texts = F.normalize(model.text_proj(features.texts.to(model.device)), dim=-1).cpu()
+    return EmbeddedPairs(images, texts, features.text_image, features.langs, features.skipped)
 
 
-def _budget_table(model: DualEncoder, recipe_dir: Path) -> None:
-    recipes = sorted(recipe_dir.glob("*.yaml"))
-    print(f"  {'recipe':<12}{'trainable':>12}{'total':>14}{'%':>8}{'vision %':>10}{'text %':>9}")
-    for recipe in recipes:
-        candidate = copy.deepcopy(model)  # cheaper than reloading the backbones for every recipe
-        apply_plan(candidate, recipe)
-        row = budget(candidate)
-        print(f"  {recipe.stem:<12}{row.trainable:>12,}{row.total:>14,}{row.percent:>8.2f}"
-              f"{row.by_tower['vision']['percent']:>10.2f}{row.by_tower['text']['percent']:>9.2f}")
-        del candidate
-
-
-def run_demo(out_dir: Path, recipe_dir: str | Path = "recipes/methods") -> int:
-    """Load the packaged pair, show that both backbones work, print budgets, save and reload lwa."""
+def run_demo(out_dir: Path, recipe: str | Path = "recipes/demo.yaml", overrides: Sequence[str] = ()) -> int:
+    """Baselines, training and the before/after table on builtin:emoji-cldr; writes results, plot, checkpoint."""
     start = time.perf_counter()
-    print(f"lilt demo: {DEFAULT_VISION} + {DEFAULT_TEXT}, no network needed")
-    print(f"(the first run converts the packaged weights into {lilt_home()}/packaged, about 15 s)\n")
-    model = DualEncoder.from_backbones(DEFAULT_VISION, DEFAULT_TEXT).eval()
-    print(f"loaded both backbones in {time.perf_counter() - start:.1f} s "
-          f"(vision: {model.vision.num_blocks} stages, {model.vision.hidden_size}-d; text: {model.text.num_blocks} "
-          f"layers, {model.text.hidden_size}-d, {model.text.pooling} pooling, prefix {model.text.prefix!r})\n")
-    print("1. the frozen vision backbone recognises photos (ImageNet top-3):")
-    _vision_sanity()
-    print("\n2. the frozen multilingual text backbone: cosine similarity to 'a cat':")
-    _text_sanity(model)
-    recipe_dir = Path(recipe_dir)
-    if recipe_dir.is_dir():
-        print(f"\n3. trainable parameters per recipe ({recipe_dir}):")
-        _budget_table(model, recipe_dir)
-    lwa = recipe_dir / "lwa.yaml"
-    if lwa.is_file():
-        apply_plan(model, lwa)
-        print(f"\n4. the lwa plan in detail:\n{budget(model)}")
-        checkpoint = model.save_pretrained(out_dir / "checkpoint")
-        reloaded = DualEncoder.from_pretrained(checkpoint).eval()
-        images, texts = torch.randn(2, 3, 224, 224), ["a cat", "un gato"]
-        with torch.inference_mode():
-            diff = max(float((model.encode_image(images) - reloaded.encode_image(images)).abs().max()),
-                       float((model.encode_text(texts) - reloaded.encode_text(texts)).abs().max()))
-        size = os.path.getsize(checkpoint / WEIGHTS_NAME)
-        full = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-        print(f"\ncheckpoint: {checkpoint}/ ({size / 1e6:.2f} MB of trained tensors, {100 * size / full:.2f}% of the "
-              f"full {full / 1e6:.0f} MB state dict); reloaded, max embedding difference {diff:.1e}")
-    print(f"\ndone in {time.perf_counter() - start:.0f} s. Training (`lilt train`) is not in this version yet.")
+    spec = apply_overrides(read_mapping(recipe), [*overrides, f"train.output_dir={out_dir}"])
+    train_config = TrainConfig.from_dict(spec.get("train", {}), where=f"{recipe}:train")
+    data_config = DataConfig.from_dict(spec.get("data", {}), where=f"{recipe}:data")
+    eval_langs = spec.get("eval", {}).get("langs")
+    torch.manual_seed(train_config.seed)
+    model = DualEncoder(ModelConfig.from_dict(spec.get("model", {}), where=f"{recipe}:model"))
+    apply_plan(model, TuningPlan.from_dict(spec["plan"], where=f"{recipe}:plan"))
+    print(f"lilt demo: {model.vision.source} + {model.text.source}, plan {model.plan_state.plan.name!r}: "
+          f"{budget(model).trainable:,} trainable parameters ({budget(model).percent:.2f}%)")
+    train_data, val_data, _ = resolve_data(None, data_config, train_config.seed)
+    test_spec = DataConfig.from_dict({**data_config.to_dict(), "split": "test", "pairs_per_lang": None,
+                                      "langs": eval_langs or data_config.langs})
+    test_data, _, _ = resolve_data(None, test_spec, train_config.seed)
+    counts = _count(train_data["lang"])
+    print(f"training pairs per language: {counts}; test: {len(set(test_data['emoji']))} emoji, "
+          f"{len(test_data)} captions in {len(set(test_data['lang']))} languages\n")
+
+    print("1/3 frozen features: ridge baseline and head warm-up ...", flush=True)
+    workers = dict(num_workers=data_config.num_workers, batch_size=train_config.eval_batch_size)
+    test_features = pair_features(model, test_data, **workers)
+    results = {"untrained": retrieval_by_lang(head_embeddings(model, test_features))}
+    train_features = pair_features(model, train_data, **workers)
+    ridge = fit_ridge(train_features, val=pair_features(model, val_data, **workers))
+    results["ridge"] = ridge_retrieval(ridge, test_features)
+    print(f"    ridge map fitted (alpha {ridge.alpha:g}) in {time.perf_counter() - start:.0f} s\n")
+
+    if train_config.head_warmup_epochs:  # done here rather than in train() to score the heads on their own
+        warm_up_heads(model, train_data, train_config, features=train_features)
+        train_config = dataclasses.replace(train_config, head_warmup_epochs=0)
+    results["heads"] = retrieval_by_lang(head_embeddings(model, test_features))
+
+    print(f"2/3 training {train_config.steps} steps of batch {train_config.batch_size} ...", flush=True)
+    run = train(model, train_data, train_config, data_config=data_config, val_data=val_data)
+    print(f"    {run.samples_per_second:.1f} samples/s\n\n3/3 evaluating the trained model ...", flush=True)
+    results["trained"] = evaluate_retrieval(model, test_data, **workers)
+
+    table = format_table(results, counts)
+    print("\nTest-split retrieval R@1 (%), over all test emoji of each language:\n" + table)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "demo_results.json").write_text(json.dumps({"train_pairs": counts, "results": results}, indent=1))
+    (out_dir / "demo_results.md").write_text(table + "\n")
+    plot = plot_demo(results, run.history, out_dir / "demo.png")
+    print(f"\nresults: {out_dir / 'demo_results.md'} (+ .json)\nplot:    {plot}\n"
+          f"model:   {out_dir / 'model'}  (reload: lilt.DualEncoder.from_pretrained('{out_dir / 'model'}'))\n"
+          f"done in {time.perf_counter() - start:.0f} s")
     return 0
+
+
+def format_table(results: dict[str, dict[str, dict[str, float]]], counts: dict[str, int]) -> str:
+    """A Markdown table: per language, training pairs and R@1 both ways for each model."""
+    langs = [lang for lang in results["trained"] if lang != "all"]
+    head = "| lang | train pairs | " + " | ".join(f"{m} i2t | {m} t2i" for m in MODELS) + " |"
+    rows = [head, "|" + "---|" * (2 + 2 * len(MODELS))]
+    for lang in sorted(langs, key=lambda x: (-counts.get(x, 0), x)):
+        cells = [f"{results[m][lang]['i2t/R@1']:.1f} | {results[m][lang]['t2i/R@1']:.1f}" for m in MODELS]
+        rows.append(f"| {lang} | {counts.get(lang, 0)} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def plot_demo(results: dict[str, Any], history: list[dict[str, Any]], path: Path) -> Path:
+    """Training loss and validation recall over steps; test R@1 per language for the three models."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
+    steps = [h["step"] for h in history if "loss" in h]
+    left.plot(steps, [h["loss"] for h in history if "loss" in h], label="train loss")
+    left.set_xlabel("step")
+    left.set_ylabel("contrastive loss")
+    evals = [h for h in history if "val/all/i2t/R@1" in h]
+    if evals:
+        twin = left.twinx()
+        twin.plot([h["step"] for h in evals], [h["val/all/i2t/R@1"] for h in evals], "o-", color="C1",
+                  label="validation R@1 (image->text)")
+        twin.set_ylabel("R@1 (%)")
+        twin.legend(loc="lower right")
+    left.legend(loc="upper left")
+    langs = [lang for lang in results["trained"] if lang != "all"]
+    width = 0.8 / len(MODELS)
+    for i, name in enumerate(MODELS):
+        right.bar([x + i * width for x in range(len(langs))], [results[name][lang]["i2t/R@1"] for lang in langs],
+                  width, label=name)
+    right.set_xticks([x + width for x in range(len(langs))], langs)
+    right.set_ylabel("test R@1 image->text (%)")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _count(values: Sequence[str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for value in values:
+        counts[value] = counts.get(value, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 import lilt
 from lilt.config import DataConfig, DataError, TrainConfig
 from lilt.losses import clip_loss
-from lilt.train import grad_cache_backward, train
+from lilt.training import grad_cache_backward, train
 from test_data import write_imagefolder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -148,7 +148,7 @@ def test_too_many_corrupt_images_stop_with_the_documented_error(make_model, tmp_
 
 
 def test_non_finite_losses_are_skipped_then_stop_the_run(make_model, tmp_path: Path, monkeypatch) -> None:
-    import lilt.train as train_module
+    import lilt.training as train_module
 
     model = tiny_model(make_model)
     before = {k: v.clone() for k, v in model.delta_state_dict().items()}

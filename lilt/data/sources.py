@@ -84,7 +84,7 @@ def _capped_rows(langs: np.ndarray, caps: int | Mapping[str, int], seed: int) ->
 def _builtin(name: str, split: str, *, langs: Sequence[str] | None, pairs_per_lang: Any, max_pairs: int | None,
              seed: int, **options: Any) -> datasets.Dataset:
     if name == "emoji-cldr":
-        from .emoji import load_emoji_cldr
+        from .emoji_cldr import load_emoji_cldr
         caps = pairs_per_lang if split == "train" else None
         data = load_emoji_cldr(split=split, langs=langs, pairs_per_lang=caps, seed=seed, **options)
         return select_pairs(data, max_pairs=max_pairs)

@@ -1,4 +1,4 @@
-"""The Accelerate training loop: contrastive loss with global negatives, exact accumulation, exact resume.
+"""The Accelerate training loop (`lilt.train`): contrastive loss, global negatives, exact accumulation and resume.
 
 `train(model, data, TrainConfig(...))` runs the same from a notebook, `python -m lilt.cli train` or
 `accelerate launch -m lilt.cli train`. The batch size is global: each step scores `batch_size` pairs
@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import datasets
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
@@ -27,7 +28,7 @@ from tqdm.auto import tqdm
 from . import state as ckpt
 from .config import ConfigError, DataConfig, TrainConfig
 from .data import DataError, PairCollator, image_transform, load_pairs, pair_loader
-from .eval.retrieval import evaluate_retrieval
+from .eval.retrieval import EmbeddedPairs, embed_pairs, evaluate_retrieval
 from .losses import clip_loss, siglip_loss
 
 logger = logging.getLogger(__name__)
@@ -134,6 +135,8 @@ def train(model: torch.nn.Module, data: Any = None, config: TrainConfig | None =
                            model.tokenize, seed=config.seed)
     loader = pair_loader(data, collate, config.batch_size, seed=config.seed, num_workers=data_config.num_workers,
                          pin_memory=data_config.pin_memory)
+    if config.head_warmup_epochs and not _will_resume(config, output):
+        warm_up_heads(model, data, config, data_config.num_workers, accelerator.is_main_process)
     optimizer = make_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     prepared, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
@@ -148,6 +151,45 @@ def train(model: torch.nn.Module, data: Any = None, config: TrainConfig | None =
     loop.run(loader, start, val, result)
     accelerator.end_training()
     return result
+
+
+def _will_resume(config: TrainConfig, output: Path) -> bool:
+    return config.resume != "never" and (config.resume != "auto" or bool(ckpt.checkpoint_dirs(output)))
+
+
+def warm_up_heads(model: torch.nn.Module, data: datasets.Dataset, config: TrainConfig, num_workers: int = 0,
+                  progress: bool = True, features: EmbeddedPairs | None = None) -> list[float]:
+    """Fit the projection heads and temperature by InfoNCE on frozen features of the training pairs (LP-FT).
+
+    Kumar et al. (ICLR 2022) show that fine-tuning from a fitted linear head distorts pretrained features
+    less than fine-tuning from a random one. The features are computed once, in eval mode, with the plan's
+    added modules still at their identity initialization. Every process computes the same thing, so
+    the heads agree without communication. Returns the mean loss of each epoch.
+    """
+    if isinstance(data, datasets.IterableDataset):
+        raise ConfigError("head_warmup_epochs needs a map-style dataset (the features are computed once).")
+    if features is None:  # `features`: the same, already computed (the demo shares them with its baselines)
+        features = embed_pairs(model, data, features=True, batch_size=config.eval_batch_size,
+                               num_workers=num_workers)
+    images, texts = features.images[features.text_image].to(model.device), features.texts.to(model.device)
+    heads = [*model.vision_proj.parameters(), *model.text_proj.parameters(), model.logit_scale]
+    optimizer = torch.optim.AdamW(heads, lr=config.head_warmup_lr, weight_decay=config.weight_decay)
+    generator = torch.Generator().manual_seed(config.seed)
+    batch = min(config.head_warmup_batch_size or config.batch_size, len(texts))
+    losses = []
+    for _ in tqdm(range(config.head_warmup_epochs), desc="head warm-up", disable=not progress, leave=False):
+        order, total = torch.randperm(len(texts), generator=generator), 0.0
+        for start in range(0, len(texts) - batch + 1, batch):
+            rows = order[start:start + batch]
+            image = F.normalize(model.vision_proj(images[rows]), dim=-1)
+            text = F.normalize(model.text_proj(texts[rows]), dim=-1)
+            loss = clip_loss(image, text, model.scale(), gather=False)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach())
+        losses.append(total / max(1, len(texts) // batch))
+    return losses
 
 
 class _Loop:
@@ -316,7 +358,8 @@ class _Loop:
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}", sps=f"{rate:.1f}")
                 if step % config.log_every == 0 or step == config.steps:
                     entry = {"step": step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
-                             "temperature": float(1 / self.model.scale().detach()), "samples_per_second": rate}
+                             "temperature": float(1 / self.model.scale().detach()), "samples_per_second": rate,
+                             "seconds": time.perf_counter() - began}
                     acc.log({k: v for k, v in entry.items() if k != "step"}, step=step)
                     history.append(entry)
                 if val is not None and config.eval_every and step % config.eval_every == 0 and step < config.steps:
