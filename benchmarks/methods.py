@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import lilt
+from lilt.losses import clip_loss
 from lilt.model import WEIGHTS_NAME
 
 RESULTS = Path(__file__).parent / "results"
@@ -43,10 +43,7 @@ def contrastive_step(model: lilt.DualEncoder, optimizer: torch.optim.Optimizer, 
     """One symmetric InfoNCE step."""
     optimizer.zero_grad(set_to_none=True)
     out = model(images, **text)
-    logits = out.logits_per_image()
-    labels = torch.arange(len(images), device=logits.device)
-    loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
-    loss.backward()
+    clip_loss(out.image_embeds, out.text_embeds, out.logit_scale, gather=False).backward()
     optimizer.step()
 
 
