@@ -1,4 +1,4 @@
-"""`lilt` command line: train | info | demo (eval, embed, curate and grow arrive with their issues)."""
+"""`lilt` command line: info | train | eval | embed | search | report | demo."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from .config import DEFAULT_TEXT, DEFAULT_VISION, ConfigError, DataError
 
@@ -57,18 +57,95 @@ def cmd_train(args: argparse.Namespace) -> int:
     recipe = apply_overrides(read_mapping(args.recipe), args.overrides)
     if args.output_dir:
         recipe.setdefault("train", {})["output_dir"] = args.output_dir
-    lilt.TuningPlan.from_dict(recipe.get("plan", {}), where=f"{args.recipe}:plan")  # fail before loading weights
+    plan = lilt.TuningPlan.from_dict(recipe["plan"], where=f"{args.recipe}:plan") if "plan" in recipe else None
     train_config = TrainConfig.from_dict(recipe.get("train", {}), where=f"{args.recipe}:train")
     data_config = DataConfig.from_dict(recipe.get("data", {}), where=f"{args.recipe}:data")
     torch.manual_seed(train_config.seed)  # the same fresh heads and adapters on every process
-    model = lilt.DualEncoder(ModelConfig.from_dict(recipe.get("model", {}), where=f"{args.recipe}:model"))
-    lilt.apply_plan(model, lilt.TuningPlan.from_dict(recipe["plan"], where=f"{args.recipe}:plan"))
+    if "init" in recipe:
+        model = initial_model(recipe["init"], plan, where=f"{args.recipe}:init")
+    elif plan is None:
+        raise ConfigError(f"{args.recipe}: no 'plan:' section; a recipe needs one (or an 'init:' section that "
+                          "starts from a saved model).")
+    else:
+        model = lilt.DualEncoder(ModelConfig.from_dict(recipe.get("model", {}), where=f"{args.recipe}:model"))
+        lilt.apply_plan(model, plan)
     result = train(model, data_config, train_config)
     if result.metrics:
         print(json.dumps({k: round(v, 2) for k, v in result.metrics.items() if k.endswith("R@1")}, indent=1))
     print(f"{result.steps} steps, {result.samples_per_second:.1f} samples/s, {result.bad_items} unreadable items "
           f"skipped; model saved to {result.output_dir / 'model'}")
     return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate a saved model; write eval.json / eval.md / eval.png and print the table."""
+    from .eval.report import markdown_table
+    from .eval.run import run_eval
+
+    rows, paths = run_eval(args.model, args.data, args.out, task=args.task, langs=args.langs,
+                           classnames=args.classnames, templates=args.templates, train_data=args.train_data,
+                           label_column=args.label_column, batch_size=args.batch_size, num_workers=args.num_workers)
+    print(markdown_table(rows))
+    print("\n" + "\n".join(f"{kind}: {path}" for kind, path in paths.items()))
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    """Export image or caption embeddings of a dataset (safetensors + Parquet ids, or one Parquet)."""
+    import lilt
+    from .data import load_pairs
+    from .embeddings import export_embeddings
+
+    model = lilt.DualEncoder.from_pretrained(args.model)
+    data = load_pairs(args.data, split=args.split, langs=args.langs)
+    for path in export_embeddings(model, data, args.what, args.out, batch_size=args.batch_size,
+                                  num_workers=args.num_workers):
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    """Answer text queries against exported image embeddings."""
+    import lilt
+    from .embeddings import search
+
+    model = lilt.DualEncoder.from_pretrained(args.model)
+    for query, hits in zip(args.query, search(model, args.index, args.query, k=args.k)):
+        print(f"{query!r}:")
+        for rank, (item, score) in enumerate(hits, 1):
+            print(f"  {rank:>2}. {score:.3f}  {item}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Compare evaluated runs side by side (and plot recall vs % trainable parameters)."""
+    from .eval.report import compare_runs, plot_vs_trainable
+
+    table, rows = compare_runs([Path(r) for r in args.runs], metric=args.metric)
+    print(table)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "report.md").write_text(table + "\n")
+        print(f"\nplot: {plot_vs_trainable(rows, Path(args.out) / 'report.png', metric=args.metric)}")
+    return 0
+
+
+def initial_model(init: dict, plan: Any, where: str) -> Any:
+    """A recipe's `init:` section: continue from a saved model, optionally swapping its text tower."""
+    import lilt
+    from .swap import swap_text_tower
+
+    unknown = set(init) - {"from", "swap_text"}
+    if unknown or "from" not in init:
+        raise ConfigError(f"{where}: expected keys 'from' (a saved model folder) and optionally 'swap_text' (a "
+                          f"text backbone name or text config); got {sorted(init)}.")
+    model = lilt.DualEncoder.from_pretrained(init["from"])
+    if "swap_text" in init:
+        return swap_text_tower(model, init["swap_text"], plan)
+    if plan is not None:
+        raise ConfigError(f"{where}: continuing from {init['from']} keeps that model's plan; drop the recipe's "
+                          "'plan:' section (or add 'swap_text' to re-plan the text side).")
+    return model
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,6 +169,38 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                        help="recipe overrides, e.g. train.steps=200 data.langs=[en,sw] model.vision.image_size=128")
     train.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="evaluate a saved model: retrieval, zero-shot or linear probe, per language")
+    ev.add_argument("--model", required=True, help="a folder written by save_pretrained / lilt train")
+    ev.add_argument("--data", required=True, help="a pair source, e.g. builtin:emoji-cldr:test or a folder")
+    ev.add_argument("--task", default="retrieval", choices=["retrieval", "zeroshot", "linear-probe"])
+    ev.add_argument("--langs", nargs="+", help="only these caption languages (default: all in the data)")
+    ev.add_argument("--out", default="eval-out", help="where eval.json/.md/.png go (default eval-out)")
+    ev.add_argument("--classnames", help="zero-shot: YAML/JSON class names in label order, or {lang: [names]}")
+    ev.add_argument("--templates", help="zero-shot: YAML/JSON {lang: [templates with {}]} (default: shipped ones)")
+    ev.add_argument("--train-data", help="linear probe: labelled images to fit it on")
+    ev.add_argument("--label-column", default="label", help="zero-shot / linear probe: the label column")
+    embed = sub.add_parser("embed", help="export image or caption embeddings of a dataset for search")
+    embed.add_argument("--model", required=True)
+    embed.add_argument("--data", required=True, help="a pair source")
+    embed.add_argument("--split", default="train", help="split of the source (builtin:NAME:SPLIT also works)")
+    embed.add_argument("--langs", nargs="+", help="only captions in these languages")
+    embed.add_argument("--what", default="image", choices=["image", "text"])
+    embed.add_argument("--out", required=True, help="FILE: FILE.safetensors + FILE.parquet, or FILE.parquet alone")
+    search = sub.add_parser("search", help="text queries against embeddings exported by `lilt embed`")
+    search.add_argument("--model", required=True)
+    search.add_argument("--index", required=True, help="the .safetensors or .parquet written by lilt embed")
+    search.add_argument("--query", nargs="+", required=True)
+    search.add_argument("-k", type=int, default=5)
+    report = sub.add_parser("report", help="compare the eval.json of several runs side by side")
+    report.add_argument("runs", nargs="+", help="folders holding eval.json (lilt eval --out)")
+    report.add_argument("--metric", default="i2t/R@1")
+    report.add_argument("--out", help="write report.md and report.png (recall vs %% trainable) here")
+    for command, func in ((ev, cmd_eval), (embed, cmd_embed), (search, cmd_search), (report, cmd_report)):
+        command.set_defaults(func=func)
+    for command in (ev, embed):
+        command.add_argument("--batch-size", type=int, default=256)
+        command.add_argument("--num-workers", type=int, default=0)
 
     demo = sub.add_parser("demo", help="end-to-end run on the packaged backbones (offline)")
     demo.add_argument("--output-dir", default="demo-out", help="results, plot and model (default demo-out)")

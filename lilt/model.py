@@ -140,6 +140,7 @@ class DualEncoder(nn.Module):
     def delta_state_dict(self) -> dict[str, torch.Tensor]:
         """What a checkpoint holds: trainable parameters and every tensor a plan added."""
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        trainable |= self.plan_state.tuned if self.plan_state is not None else set()
         bn_stats_train = not self.config.vision.freeze_bn_stats
         out = {}
         for key, tensor in self.state_dict().items():

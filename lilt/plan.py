@@ -50,6 +50,8 @@ class TuningPlan(ConfigBase):
     rules: list[Rule] = knob([], "the rules, applied in order")
     name: str = knob("", "a short name for reports (e.g. 'lwa')")
     description: str = knob("", "one line on what the plan is")
+    frozen_heads: list[Literal["vision", "text"]] = knob(
+        [], "projection heads that stay frozen (a text-tower swap keeps the trained vision head)")
 
     @classmethod
     def from_recipe(cls, path: str | Path) -> "TuningPlan":
@@ -72,6 +74,9 @@ class PlanState:
 
     plan: TuningPlan
     owners: dict[str, int | None] = field(default_factory=dict)  # None: frozen
+    # Parameters some rule made trainable even if a later rule froze them again (a swap locks tuned
+    # vision modules): their values differ from the backbone's, so checkpoints must keep them.
+    tuned: set[str] = field(default_factory=set)
 
     def label(self, name: str) -> str:
         """'heads', 'frozen', or the owning rule's label."""
@@ -99,6 +104,7 @@ def apply_plan(model: Any, plan: TuningPlan | str | Path) -> PlanState:
         raise ConfigError("this model already has a plan applied; build a fresh model to apply another.")
     model.requires_grad_(False)
     owner: dict[nn.Parameter, int | None] = {}
+    tuned: set[nn.Parameter] = set()
     for index, rule in enumerate(plan.rules):
         spec = get_method(rule.method)
         for tower_name, tower in _towers(model, rule.tower):
@@ -113,17 +119,20 @@ def apply_plan(model: Any, plan: TuningPlan | str | Path) -> PlanState:
                     f"{rule.layers!r} is one that `{rule.method}` tunes. Check the layers, or drop the rule; "
                     f"`lilt info` lists the tower's blocks.")
             owner.update({p: index for p in result.trainable})
+            tuned.update(result.trainable)
             owner.update({p: None for p in result.frozen})
     state = PlanState(plan)
     for name, param in model.named_parameters():
         if name in HEAD_PARAMS:
-            param.requires_grad_(True)
+            param.requires_grad_(name.split("_proj.")[0] not in plan.frozen_heads)
             continue
         index = owner.get(param)
         if param.requires_grad != (index is not None):
             raise RuntimeError(f"internal error: {name} has requires_grad={param.requires_grad} but is "
                                f"attributed to {'frozen' if index is None else plan.rules[index].label(index)}")
         state.owners[name] = index
+        if param in tuned:
+            state.tuned.add(name)
     model.plan_state = state
     return state
 

@@ -172,7 +172,8 @@ def warm_up_heads(model: torch.nn.Module, data: datasets.Dataset, config: TrainC
         features = embed_pairs(model, data, features=True, batch_size=config.eval_batch_size,
                                num_workers=num_workers)
     images, texts = features.images[features.text_image].to(model.device), features.texts.to(model.device)
-    heads = [*model.vision_proj.parameters(), *model.text_proj.parameters(), model.logit_scale]
+    heads = [p for p in (*model.vision_proj.parameters(), *model.text_proj.parameters(), model.logit_scale)
+             if p.requires_grad]  # a text-tower swap keeps the vision head frozen
     optimizer = torch.optim.AdamW(heads, lr=config.head_warmup_lr, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
     batch = min(config.head_warmup_batch_size or config.batch_size, len(texts))

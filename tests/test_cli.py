@@ -56,3 +56,52 @@ def test_console_script_lists_commands_without_importing_torch():
     assert imported.strip() == "False"
     out = subprocess.run([str(SCRIPT), "--help"], capture_output=True, text=True, timeout=60, check=True).stdout
     assert "info" in out and "demo" in out
+
+
+@pytest.mark.parametrize("path", sorted(Path("recipes").glob("multilingual/*.yaml")) + [Path("recipes/demo.yaml")],
+                         ids=str)
+def test_shipped_training_recipes_parse(path: Path) -> None:
+    import yaml
+
+    from lilt.config import DataConfig, ModelConfig, TrainConfig
+    from lilt.plan import TuningPlan
+
+    recipe = yaml.safe_load(path.read_text())
+    assert set(recipe) <= {"model", "plan", "data", "train", "eval", "init"}, path
+    TuningPlan.from_dict(recipe["plan"], where=str(path))
+    TrainConfig.from_dict(recipe["train"], where=str(path))
+    DataConfig.from_dict(recipe["data"], where=str(path))
+    if "model" in recipe:
+        ModelConfig.from_dict(recipe["model"], where=str(path))
+    assert path.read_text().startswith("#"), "a recipe opens with a comment on the situation it is for"
+
+
+def test_eval_report_embed_and_search_on_a_saved_tiny_model(make_model, tmp_path: Path, capsys) -> None:
+    import lilt
+
+    model = make_model("vit")
+    lilt.apply_plan(model, "recipes/methods/layernorm.yaml")
+    model.save_pretrained(tmp_path / "m")
+    for run in ("a", "b"):
+        assert main(["eval", "--model", str(tmp_path / "m"), "--data", "builtin:tiny-random:test",
+                     "--out", str(tmp_path / run)]) == 0
+    out = capsys.readouterr().out
+    assert "| lang | i2t/R@1 |" in out and "| sw |" in out and "| all |" in out
+    rows = json.loads((tmp_path / "a" / "eval.json").read_text())
+    assert {r["language"] for r in rows} == {"en", "sw", "yo", "all"}
+    assert {"i2t/R@10", "t2i/R@10"} <= set(rows[0]["metrics"]) and rows[0]["trainable_percent"] > 0
+    assert (tmp_path / "a" / "eval.png").stat().st_size > 5_000 and (tmp_path / "a" / "eval.md").is_file()
+    assert main(["report", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "cmp")]) == 0
+    assert (tmp_path / "cmp" / "report.png").is_file() and "| a | b |" in (tmp_path / "cmp" / "report.md").read_text()
+    assert main(["embed", "--model", str(tmp_path / "m"), "--data", "builtin:tiny-random:test",
+                 "--out", str(tmp_path / "index")]) == 0
+    capsys.readouterr()
+    assert main(["search", "--model", str(tmp_path / "m"), "--index", str(tmp_path / "index.safetensors"),
+                 "--query", "red cat", "-k", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "'red cat':" and len(lines) == 4 and lines[1].strip().startswith("1.")
+
+
+def test_eval_reports_a_missing_model_cleanly(tmp_path: Path, capsys) -> None:
+    assert main(["eval", "--model", str(tmp_path / "nope"), "--data", "builtin:tiny-random:test"]) == 2
+    assert "lilt eval: error:" in capsys.readouterr().err

@@ -33,16 +33,16 @@ def save_tiny_cnn(path: Path) -> Path:
     return path
 
 
-def save_tiny_bert(path: Path) -> Path:
-    """A 2-layer BERT (width 32) with a word-level WordPiece tokenizer over a small vocabulary."""
+def save_tiny_bert(path: Path, hidden_size: int = 32, seed: int = 2) -> Path:
+    """A 2-layer BERT (width 32 by default) with a word-level WordPiece tokenizer over a small vocabulary."""
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
     path.mkdir(parents=True, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
     tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(vocab)})
-    torch.manual_seed(2)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64)
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=hidden_size, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=2 * hidden_size, max_position_embeddings=64)
     model = BertModel(config, add_pooling_layer=False)
     _randomize_norms(model)
     model.save_pretrained(path)

@@ -48,6 +48,33 @@ def load_pairs(spec: str | os.PathLike, split: str = "train", *, image_column: s
                         max_pairs=max_pairs, seed=seed)
 
 
+def load_labelled(spec: str | os.PathLike, split: str = "train", *, image_column: str = "image",
+                  label_column: str = "label") -> datasets.Dataset:
+    """Labelled images (zero-shot classification, linear probes): columns image and label (a ClassLabel).
+
+    Besides the pair sources, a folder of class subfolders works (datasets' imagefolder: the folder names
+    become the class names). String labels are encoded as classes in sorted order.
+    """
+    path = Path(spec)
+    if path.is_dir() and not any((path / f"metadata.{ext}").exists() for ext in ("jsonl", "csv", "parquet")) \
+            and not (path / "dataset_info.json").exists() and not (path / "dataset_dict.json").exists():
+        data = _pick_split(datasets.load_dataset("imagefolder", data_dir=str(path)), split, str(spec))
+        data = data.cast_column("image", datasets.Image(decode=False))
+    else:
+        data = _read(str(spec), split, streaming=False)
+    columns = list(data.column_names)
+    for needed, flag in ((image_column, "image_column"), (label_column, "label_column")):
+        if needed not in columns:
+            raise DataError(f"{str(spec)!r} has no {needed!r} column (columns: {columns}); name yours with "
+                            f"{flag}=....{did_you_mean(needed, columns)}")
+    data = data.select_columns([image_column, label_column])
+    data = _rename(data.rename_columns({label_column: "text"}) if label_column != "text" else data, str(spec),
+                   {image_column: "image"}).rename_column("text", "label")
+    if not isinstance(data.features["label"], datasets.ClassLabel):
+        data = data.class_encode_column("label")
+    return data
+
+
 def select_pairs(data: datasets.Dataset | datasets.IterableDataset, *, langs: Sequence[str] | None = None,
                  pairs_per_lang: int | Mapping[str, int] | None = None, max_pairs: int | None = None,
                  seed: int = 0) -> datasets.Dataset | datasets.IterableDataset:

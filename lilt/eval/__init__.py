@@ -1,5 +1,8 @@
-"""Evaluation: retrieval recall@K per language (zero-shot classification and reports come with the eval issue)."""
+"""Evaluation: retrieval recall@K, zero-shot classification, linear probes, per language; reports."""
 
+from .probe import linear_probe
 from .retrieval import EmbeddedPairs, embed_pairs, evaluate_retrieval, recall_at_k, retrieval_by_lang
+from .zeroshot import class_embeddings, emoji_zeroshot, evaluate_zeroshot, load_templates
 
-__all__ = ["EmbeddedPairs", "embed_pairs", "evaluate_retrieval", "recall_at_k", "retrieval_by_lang"]
+__all__ = ["EmbeddedPairs", "class_embeddings", "embed_pairs", "emoji_zeroshot", "evaluate_retrieval",
+           "evaluate_zeroshot", "linear_probe", "load_templates", "recall_at_k", "retrieval_by_lang"]

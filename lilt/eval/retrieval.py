@@ -2,8 +2,9 @@
 
 An image may have several captions (several languages, or several annotators as in COCO): image->text
 counts a hit when any of its captions ranks in the top K; text->image when the caption's own image
-does. A candidate only outranks the positive when its score is strictly higher. Scores are computed
-a block of queries at a time, so the full similarity matrix is never held in memory.
+does. Wrong candidates that tie with the positive (within `TIE_TOL`) share the places they span with
+it, as if ties were broken at random: collapsed embeddings score chance, neither 0 nor 100. Scores are
+computed a block of queries at a time, so the full similarity matrix is never held in memory.
 """
 
 from __future__ import annotations
@@ -86,29 +87,40 @@ def embed_pairs(model: Any, data: datasets.Dataset, *, features: bool = False, b
     return EmbeddedPairs(images_t, torch.cat(chunks)[valid], text_image[valid], langs, skipped)
 
 
+# Scores this close count as tied: batching (padding, kernels) moves equal embeddings by float noise.
+TIE_TOL = 1e-5
+
+
+def hit_chance(higher: torch.Tensor, tied: torch.Tensor, k: int) -> torch.Tensor:
+    """Chance (0..1) that a positive beaten by `higher` and tied with `tied` wrong candidates is in the top k."""
+    return ((k - higher).double() / (tied + 1)).clamp(0, 1)
+
+
 def recall_at_k(images: torch.Tensor, texts: torch.Tensor, text_image: torch.Tensor,
                 k: Sequence[int] = (1, 5, 10), chunk: int = 1024) -> dict[str, float]:
     """Image->text and text->image recall@K (in %) for L2-normalized embeddings; text_image[j] = image of text j."""
     n_images = images.shape[0]
-    # text -> image: rank of the caption's own image among all images.
-    t2i_rank = torch.empty(len(texts), dtype=torch.long)
+    # text -> image: how many images beat / tie the caption's own image.
+    t2i = torch.empty(2, len(texts), dtype=torch.long)
     for s in range(0, len(texts), chunk):
         scores = texts[s:s + chunk] @ images.t()
         positive = scores.gather(1, text_image[s:s + chunk, None])
-        t2i_rank[s:s + chunk] = (scores > positive).sum(1)
-    # image -> text: rank of the image's best-scoring caption among all captions.
-    i2t_rank = torch.empty(n_images, dtype=torch.long)
+        t2i[0, s:s + chunk] = (scores > positive + TIE_TOL).sum(1)
+        t2i[1, s:s + chunk] = ((scores - positive).abs() <= TIE_TOL).sum(1) - 1  # not the positive itself
+    # image -> text: how many other images' captions beat / tie the image's best-scoring caption.
+    i2t = torch.empty(2, n_images, dtype=torch.long)
     for s in range(0, n_images, chunk):
         scores = images[s:s + chunk] @ texts.t()
         own = text_image[None, :] == torch.arange(s, min(s + chunk, n_images))[:, None]
         best = scores.masked_fill(~own, float("-inf")).max(1, keepdim=True).values
-        i2t_rank[s:s + chunk] = (scores > best).sum(1)
+        i2t[0, s:s + chunk] = ((scores > best + TIE_TOL) & ~own).sum(1)
+        i2t[1, s:s + chunk] = (((scores - best).abs() <= TIE_TOL) & ~own).sum(1)
     has_caption = torch.bincount(text_image, minlength=n_images) > 0
-    i2t_rank = i2t_rank[has_caption]
+    i2t = i2t[:, has_caption]
     out = {}
     for kk in k:
-        out[f"i2t/R@{kk}"] = 100.0 * float((i2t_rank < kk).float().mean())
-        out[f"t2i/R@{kk}"] = 100.0 * float((t2i_rank < kk).float().mean())
+        out[f"i2t/R@{kk}"] = 100.0 * float(hit_chance(i2t[0], i2t[1], kk).mean())
+        out[f"t2i/R@{kk}"] = 100.0 * float(hit_chance(t2i[0], t2i[1], kk).mean())
     out["mean_recall"] = float(np.mean([out[f"{d}/R@{kk}"] for d in ("i2t", "t2i") for kk in k]))
     return out
 
@@ -116,6 +128,8 @@ def recall_at_k(images: torch.Tensor, texts: torch.Tensor, text_image: torch.Ten
 def retrieval_by_lang(embedded: EmbeddedPairs, k: Sequence[int] = (1, 5, 10)) -> dict[str, dict[str, float]]:
     """Recall per caption language (that language's captions vs the images they describe) and pooled ('all')."""
     out = {"all": recall_at_k(embedded.images, embedded.texts, embedded.text_image, k)}
+    out["all"]["images"] = int(torch.unique(embedded.text_image).numel())
+    out["all"]["texts"] = len(embedded.texts)
     if embedded.langs is None:
         return out
     langs = np.asarray(embedded.langs)

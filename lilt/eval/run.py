@@ -1,0 +1,84 @@
+"""`lilt eval`: score a saved model on a dataset (retrieval, zero-shot, linear probe) and write a report."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+from ..config import ConfigError
+
+logger = logging.getLogger(__name__)
+
+Task = Literal["retrieval", "zeroshot", "linear-probe"]
+EMOJI = "builtin:emoji-cldr"
+
+
+def run_eval(model: Any, data: str, out: str | Path, *, task: Task = "retrieval", langs: Sequence[str] | None = None,
+             classnames: str | Path | None = None, templates: str | Path | None = None, train_data: str | None = None,
+             label_column: str = "label", batch_size: int = 256, num_workers: int = 0,
+             model_name: str | None = None) -> tuple[list[dict[str, Any]], dict[str, Path]]:
+    """Evaluate `model` (a DualEncoder or a saved folder) on `data`; write eval.{json,md,png} under `out`."""
+    import lilt
+    from ..data import load_labelled, load_pairs
+    from .report import report_rows, write_report
+
+    if isinstance(model, (str, Path)):
+        model_name = model_name or str(model)
+        model = lilt.DualEncoder.from_pretrained(model)
+    options = dict(batch_size=batch_size, num_workers=num_workers)
+    if task == "retrieval":
+        results = lilt.evaluate_retrieval(model, load_pairs(data, split=_split(data), langs=langs), progress=True,
+                                          **options)
+    elif task == "zeroshot":
+        results = _zeroshot(model, data, langs, classnames, templates, label_column, options)
+    elif task == "linear-probe":
+        from .probe import linear_probe
+        if not train_data:
+            raise ConfigError("--task linear-probe needs --train-data SPEC (labelled images to fit the probe on).")
+        train = load_labelled(train_data, split=_split(train_data), label_column=label_column)
+        test = load_labelled(data, split=_split(data), label_column=label_column)
+        results = {"all": linear_probe(model, train, test, label_column="label", **options)}
+    else:
+        raise ConfigError(f"unknown task {task!r}; choose retrieval, zeroshot or linear-probe.")
+    budget = lilt.budget(model)
+    plan = model.plan_state.plan.name if model.plan_state is not None else ""
+    rows = report_rows(results, dataset=data, task=task, model=model_name or plan or "model",
+                       extra={"plan": plan, "trainable_percent": round(budget.percent, 4),
+                              "vision": model.vision.source, "text": model.text.source})
+    return rows, write_report(rows, Path(out), name="eval")
+
+
+def _split(spec: str) -> str:
+    """Built-in sources are evaluated on their test split unless the spec names one (builtin:NAME:SPLIT)."""
+    return "test" if spec.startswith("builtin:") else "train"
+
+
+def _zeroshot(model: Any, data: str, langs: Sequence[str] | None, classnames: str | Path | None,
+              templates: str | Path | None, label_column: str, options: dict[str, Any]) -> dict[str, Any]:
+    from ..data import load_labelled
+    from .zeroshot import emoji_zeroshot, evaluate_zeroshot
+
+    if data.startswith(EMOJI):
+        split = data[len(EMOJI) + 1:] or "test"
+        dataset, names = emoji_zeroshot(split, langs=tuple(langs or ("en", "sw", "yo", "am", "ha", "mr")))
+    else:
+        dataset = load_labelled(data, split=_split(data), label_column=label_column)
+        names = dataset.features["label"].names  # folder or label names, in label order
+    if classnames is not None:
+        names = _read_classnames(classnames)
+    return evaluate_zeroshot(model, dataset, names, templates, label_column="label", **options)
+
+
+def _read_classnames(path: str | Path) -> list[str] | dict[str, list[str]]:
+    """A YAML/JSON list of class names in label order, or {lang: [names...]}."""
+    import json
+
+    import yaml
+
+    text = Path(path).read_text(encoding="utf-8")
+    names = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+    if not isinstance(names, (list, dict)):
+        raise ConfigError(f"--classnames {path}: expected a list of class names or {{lang: [names]}}, "
+                          f"got {type(names).__name__}.")
+    return names
