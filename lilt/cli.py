@@ -84,7 +84,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     rows, paths = run_eval(args.model, args.data, args.out, task=args.task, langs=args.langs,
                            classnames=args.classnames, templates=args.templates, train_data=args.train_data,
-                           label_column=args.label_column, batch_size=args.batch_size, num_workers=args.num_workers)
+                           label_column=args.label_column, batch_size=args.batch_size, num_workers=args.num_workers,
+                           split=args.split)
     print(markdown_table(rows))
     print("\n" + "\n".join(f"{kind}: {path}" for kind, path in paths.items()))
     return 0
@@ -126,7 +127,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "report.md").write_text(table + "\n")
-        print(f"\nplot: {plot_vs_trainable(rows, Path(args.out) / 'report.png', metric=args.metric)}")
+        pooled = "all" if any(r["language"] == "all" for r in rows) else "mean"  # zero-shot pools as "mean"
+        print(f"\nplot: {plot_vs_trainable(rows, Path(args.out) / 'report.png', metric=args.metric, language=pooled)}")
     return 0
 
 
@@ -174,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", required=True, help="a folder written by save_pretrained / lilt train")
     ev.add_argument("--data", required=True, help="a pair source, e.g. builtin:emoji-cldr:test or a folder")
     ev.add_argument("--task", default="retrieval", choices=["retrieval", "zeroshot", "linear-probe"])
+    ev.add_argument("--split", help="split to score (default: a built-in's test split, else the source's train "
+                    "split - the only one a folder or table has)")
     ev.add_argument("--langs", nargs="+", help="only these caption languages (default: all in the data)")
     ev.add_argument("--out", default="eval-out", help="where eval.json/.md/.png go (default eval-out)")
     ev.add_argument("--classnames", help="zero-shot: YAML/JSON class names in label order, or {lang: [names]}")

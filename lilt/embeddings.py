@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -17,7 +18,8 @@ import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from .config import ConfigError, DataError
 from .eval.retrieval import embed_pairs, image_keys
@@ -38,8 +40,8 @@ def export_embeddings(model: Any, data: datasets.Dataset, what: Literal["image",
         if len(first) != len(embedded.images):
             raise DataError(f"{len(first) - len(embedded.images)} images could not be read ({embedded.skipped[:3]}); "
                             "fix or drop them before exporting, so ids and vectors stay aligned.")
-        # An image's id: its file path, or its first row when it has none.
-        table = {"id": [str(key[1]) if isinstance(key, tuple) else str(key) for key in first]}
+        # An image's id: its file path, or its first row when it has none (bytes stored in the dataset).
+        table = {"id": [key if isinstance(key, str) else str(row) for key, row in first.items()]}
         vectors = embedded.images
     else:
         table = {"id": [str(i) for i in range(len(embedded.texts))],
@@ -48,31 +50,42 @@ def export_embeddings(model: Any, data: datasets.Dataset, what: Literal["image",
             table["lang"] = list(embedded.langs)
         vectors = embedded.texts
     out.parent.mkdir(parents=True, exist_ok=True)
-    written = []
+    # A token shared by the vectors and the ids: a crash between the two writes cannot pair new with old.
+    meta = {"what": what, "dim": str(vectors.shape[1]), "count": str(len(vectors)), "token": uuid.uuid4().hex,
+            "backbones": json.dumps({"vision": model.vision.source, "text": model.text.source})}
     if out.suffix == ".parquet":
         table["embedding"] = vectors.tolist()
-        written.append(_atomic(out, lambda p: pq.write_table(pa.table(table), p)))
-    else:
-        base = out.with_suffix("") if out.suffix == ".safetensors" else out
-        meta = {"what": what, "dim": str(vectors.shape[1]), "count": str(len(vectors)),
-                "backbones": json.dumps({"vision": model.vision.source, "text": model.text.source})}
-        written.append(_atomic(base.with_suffix(".safetensors"),
-                               lambda p: save_file({"embeddings": vectors.contiguous()}, p, metadata=meta)))
-        written.append(_atomic(base.with_suffix(".parquet"), lambda p: pq.write_table(pa.table(table), p)))
-    return written
+        return [_atomic(out, lambda p: pq.write_table(pa.table(table).replace_schema_metadata(meta), p))]
+    vectors_file, ids_file = _index_files(out)
+    return [_atomic(vectors_file, lambda p: save_file({"embeddings": vectors.contiguous()}, p, metadata=meta)),
+            _atomic(ids_file, lambda p: pq.write_table(pa.table(table).replace_schema_metadata(meta), p))]
+
+
+def _index_files(path: Path) -> tuple[Path, Path]:
+    """FILE(.safetensors|.parquet) -> (FILE.safetensors, FILE.parquet); other dots in the name are kept."""
+    base = str(path)[:-len(path.suffix)] if path.suffix in (".safetensors", ".parquet") else str(path)
+    return Path(base + ".safetensors"), Path(base + ".parquet")
 
 
 def load_index(path: str | Path) -> tuple[torch.Tensor, pa.Table]:
     """Read an exported index: (unit embeddings [N, D], the table of ids)."""
     path = Path(path)
-    if path.suffix == ".parquet" and "embedding" in pq.read_schema(path).names:
+    if path.suffix == ".parquet" and path.is_file() and "embedding" in pq.read_schema(path).names:
         table = pq.read_table(path)
         return torch.tensor(table.column("embedding").to_pylist(), dtype=torch.float32), table.drop(["embedding"])
-    base = path.with_suffix("")
-    if not base.with_suffix(".safetensors").is_file():
-        raise FileNotFoundError(f"{base.with_suffix('.safetensors')} not found; make it with "
+    vectors_file, ids_file = _index_files(path)
+    if not vectors_file.is_file() or not ids_file.is_file():
+        raise FileNotFoundError(f"{vectors_file} and {ids_file} are needed; make them with "
                                 "`lilt embed --model DIR --data SPEC --what image --out FILE`.")
-    return load_file(str(base.with_suffix(".safetensors")))["embeddings"], pq.read_table(base.with_suffix(".parquet"))
+    with safe_open(str(vectors_file), "pt") as f:
+        meta = f.metadata() or {}
+        vectors = f.get_tensor("embeddings")
+    table = pq.read_table(ids_file)
+    token = (table.schema.metadata or {}).get(b"token", b"").decode()
+    if token != meta.get("token", "") or table.num_rows != len(vectors):
+        raise DataError(f"{vectors_file} ({len(vectors)} vectors) and {ids_file} ({table.num_rows} ids) come from "
+                        "different exports (an export was interrupted?); run `lilt embed` again.")
+    return vectors, table
 
 
 @torch.inference_mode()
@@ -81,7 +94,11 @@ def search(model: Any, index: str | Path, queries: Sequence[str], k: int = 5) ->
     vectors, table = load_index(index)
     model.eval()
     tokens = {name: t.to(model.device) for name, t in model.tokenize(list(queries)).items()}
-    scores = model.encode_text(tokens).float().cpu() @ vectors.t()
+    query = model.encode_text(tokens).float().cpu()
+    if query.shape[1] != vectors.shape[1]:
+        raise ConfigError(f"{index} holds {vectors.shape[1]}-d embeddings but this model makes {query.shape[1]}-d "
+                          "ones: search with the model that exported the index.")
+    scores = query @ vectors.t()
     top = scores.topk(min(k, vectors.shape[0]), dim=1)
     ids = table.column("id").to_pylist()
     return [[(ids[j], float(s)) for s, j in zip(row_s.tolist(), row_j.tolist())]

@@ -74,8 +74,8 @@ class PlanState:
 
     plan: TuningPlan
     owners: dict[str, int | None] = field(default_factory=dict)  # None: frozen
-    # Parameters some rule made trainable even if a later rule froze them again (a swap locks tuned
-    # vision modules): their values differ from the backbone's, so checkpoints must keep them.
+    # In a tower whose head is frozen (a text-tower swap), parameters a rule tuned before a later rule
+    # locked them: they hold the source model's trained values, so checkpoints must keep them.
     tuned: set[str] = field(default_factory=set)
 
     def label(self, name: str) -> str:
@@ -131,7 +131,7 @@ def apply_plan(model: Any, plan: TuningPlan | str | Path) -> PlanState:
             raise RuntimeError(f"internal error: {name} has requires_grad={param.requires_grad} but is "
                                f"attributed to {'frozen' if index is None else plan.rules[index].label(index)}")
         state.owners[name] = index
-        if param in tuned:
+        if param in tuned and name.split(".")[0] in plan.frozen_heads:
             state.tuned.add(name)
     model.plan_state = state
     return state

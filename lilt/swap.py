@@ -29,7 +29,10 @@ KEPT_PREFIXES = ("vision.", "vision_proj.")
 def swap_plan(old: TuningPlan | None, text_plan: TuningPlan | None = None) -> TuningPlan:
     """The swapped model's plan: the old vision-side rules, a lock over the vision tower, then text rules."""
     old_rules = old.rules if old is not None else []
-    vision = [dataclasses.replace(r, tower="vision") for r in old_rules if r.tower in ("vision", "both")]
+    # Each vision rule keeps its index: methods name their modules after it (LoRA's lilt_r2, ...), and the
+    # saved tensors must land in the same places. Text-only rules become a harmless vision lock there.
+    vision = [dataclasses.replace(r, tower="vision") if r.tower in ("vision", "both") else
+              Rule(tower="vision", method="lock") for r in old_rules]
     source = text_plan.rules if text_plan is not None else old_rules
     text = [dataclasses.replace(r, tower="text") for r in source if r.tower in ("text", "both")]
     if not text:
@@ -52,7 +55,9 @@ def swap_text_tower(model: DualEncoder, text: str | TextConfig | dict[str, Any],
         text = TextConfig(name=text)
     elif isinstance(text, dict):
         text = TextConfig.from_dict(text, where="swap_text_tower(text=...)")
-    config = dataclasses.replace(model.config, text=text)
+    # The locked vision tower must not move: BatchNorm statistics stay frozen too.
+    config = dataclasses.replace(model.config, text=text,
+                                 vision=dataclasses.replace(model.config.vision, freeze_bn_stats=True))
     new = DualEncoder(ModelConfig.from_dict(config.to_dict(), where="swap_text_tower"))
     old_plan = model.plan_state.plan if model.plan_state is not None else None
     apply_plan(new, swap_plan(old_plan, text_plan))

@@ -135,3 +135,22 @@ def test_pairs_per_lang_and_langs_filter() -> None:
     assert set(langs) == {"en", "sw"} and langs.count("sw") == 3 and langs.count("en") == 10
     assert load_pairs("builtin:tiny-random", langs=["en", "sw"], pairs_per_lang={"sw": 3}, n=30)["text"] == \
         data["text"]
+
+
+def test_load_labelled_keeps_integer_ids_and_aligns_a_test_split_to_training_names(tmp_path: Path) -> None:
+    from lilt.data import load_labelled
+
+    write_imagefolder(tmp_path / "f", 12)
+    rows = [{"file": f"f/img{i:03d}.png", "n": i, "cls": ["cat", "dog", "fish"][i % 3]} for i in range(12)]
+    (tmp_path / "t.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    ints = load_labelled(tmp_path / "t.jsonl", image_column="file", label_column="n")
+    assert ints["label"] == list(range(12))  # not re-sorted as strings ("10" before "2")
+    test_rows = [r for r in rows if r["cls"] != "dog"]
+    (tmp_path / "test.jsonl").write_text("\n".join(json.dumps(r) for r in test_rows))
+    test = load_labelled(tmp_path / "test.jsonl", image_column="file", label_column="cls",
+                         names=["cat", "dog", "fish"])
+    assert test.features["label"].names == ["cat", "dog", "fish"] and set(test["label"]) == {0, 2}
+    with pytest.raises(DataError, match="not among the 2 classes"):
+        load_labelled(tmp_path / "t.jsonl", image_column="file", label_column="cls", names=["cat", "fish"])
+    with pytest.raises(DataError, match="not labelled images"):
+        load_labelled("builtin:tiny-random")

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from lilt.config import ConfigError
+from lilt.config import ConfigError, DataError
 from lilt.data import load_pairs
 from lilt.embeddings import export_embeddings, load_index, search
 from lilt.eval.retrieval import embed_pairs
@@ -45,3 +45,25 @@ def test_caption_export_to_one_parquet_keeps_text_and_language(make_model, tmp_p
         export_embeddings(model, data, "audio", tmp_path / "x")
     with pytest.raises(FileNotFoundError, match="lilt embed"):
         load_index(tmp_path / "missing.safetensors")
+
+
+def test_dotted_names_do_not_collide_and_mismatched_halves_are_refused(make_model, tmp_path: Path) -> None:
+    model = make_model("vit").eval()
+    small, large = (load_pairs("builtin:tiny-random", split="test", n=n) for n in (4, 6))
+    export_embeddings(model, small, "image", tmp_path / "idx.v1", progress=False)
+    export_embeddings(model, large, "image", tmp_path / "idx.v2", progress=False)
+    assert len(load_index(tmp_path / "idx.v1.safetensors")[0]) == 4 and len(load_index(tmp_path / "idx.v2")[0]) == 6
+    (tmp_path / "idx.v1.parquet").write_bytes((tmp_path / "idx.v2.parquet").read_bytes())  # a half-finished export
+    with pytest.raises(DataError, match="different exports"):
+        load_index(tmp_path / "idx.v1.safetensors")
+
+
+def test_embedding_a_filtered_shuffled_dataset_follows_its_rows(make_model) -> None:
+    model = make_model("vit").eval()
+    data = load_pairs("builtin:tiny-random", split="test", n=12).shuffle(seed=1)
+    subset = data.filter(lambda b: [x != "sw" for x in b["lang"]], batched=True)  # an indices mapping, not a copy
+    assert len(subset) == 8
+    got, expected = embed_pairs(model, subset), embed_pairs(model, subset.flatten_indices())
+    torch.testing.assert_close(got.images, expected.images)
+    torch.testing.assert_close(got.texts, expected.texts)
+    assert got.langs == subset["lang"]

@@ -90,3 +90,19 @@ def test_lilt_train_with_an_init_section_swaps_and_trains_only_the_text_side(mak
     fresh = swap_text_tower(source, recipe["init"]["swap_text"]).state_dict()  # the text backbone untouched
     norms = [k for k in fresh if k.startswith("text.") and "LayerNorm.weight" in k]
     assert norms and all(not torch.equal(trained.state_dict()[k], fresh[k]) for k in norms)  # the text side trained
+
+
+def test_vision_rules_keep_their_index_so_named_modules_line_up(make_model, tmp_path: Path) -> None:
+    # LoRA names its modules after the rule's index (lilt_r2 here); the swapped plan must build the same names.
+    model = make_model("vit")
+    lilt.apply_plan(model, lilt.TuningPlan.from_dict({"rules": [
+        {"tower": "text", "method": "layernorm"}, {"tower": "vision", "method": "lora", "options": {"r": 2}}]}))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    swapped = swap_text_tower(model, str(save_tiny_bert(tmp_path / "b", seed=3))).eval()
+    images, _ = sample_batch(model)
+    with torch.no_grad():
+        torch.testing.assert_close(swapped.encode_image(images), model.eval().encode_image(images), rtol=0, atol=0)
+    assert [r.method for r in swapped.plan_state.plan.rules][:3] == ["lock", "lora", "lock"]

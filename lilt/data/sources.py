@@ -49,12 +49,17 @@ def load_pairs(spec: str | os.PathLike, split: str = "train", *, image_column: s
 
 
 def load_labelled(spec: str | os.PathLike, split: str = "train", *, image_column: str = "image",
-                  label_column: str = "label") -> datasets.Dataset:
+                  label_column: str = "label", names: Sequence[str] | None = None) -> datasets.Dataset:
     """Labelled images (zero-shot classification, linear probes): columns image and label (a ClassLabel).
 
     Besides the pair sources, a folder of class subfolders works (datasets' imagefolder: the folder names
-    become the class names). String labels are encoded as classes in sorted order.
+    become the class names). Integer labels are kept as they are; string labels become classes in sorted
+    order, or in the order of `names` (pass the training split's names to encode a test split alike).
     """
+    if str(spec).startswith("builtin:") or _shards(str(spec)):
+        raise DataError(f"{str(spec)!r} holds image-caption pairs, not labelled images; zero-shot on "
+                        "builtin:emoji-cldr is built in (lilt eval --task zeroshot), and a linear probe needs a "
+                        "folder of class subfolders or a table with a label column.")
     path = Path(spec)
     if path.is_dir() and not any((path / f"metadata.{ext}").exists() for ext in ("jsonl", "csv", "parquet")) \
             and not (path / "dataset_info.json").exists() and not (path / "dataset_dict.json").exists():
@@ -70,9 +75,32 @@ def load_labelled(spec: str | os.PathLike, split: str = "train", *, image_column
     data = data.select_columns([image_column, label_column])
     data = _rename(data.rename_columns({label_column: "text"}) if label_column != "text" else data, str(spec),
                    {image_column: "image"}).rename_column("text", "label")
-    if not isinstance(data.features["label"], datasets.ClassLabel):
-        data = data.class_encode_column("label")
-    return data
+    return _encode_labels(data, names, str(spec))
+
+
+def _encode_labels(data: datasets.Dataset, names: Sequence[str] | None, spec: str) -> datasets.Dataset:
+    feature = data.features["label"]
+    if isinstance(feature, datasets.ClassLabel):
+        current = feature.names
+        if names is None or list(current) == list(names):
+            return data
+        data = data.cast_column("label", datasets.Value("string")).map(
+            lambda b: {"label": [current[int(x)] for x in b["label"]]}, batched=True)
+        feature = data.features["label"]
+    if feature.dtype.startswith("int"):
+        labels = data["label"]
+        count = len(names) if names is not None else max(labels) + 1
+        if min(labels) < 0 or max(labels) >= count:
+            raise DataError(f"{spec!r}: integer labels must lie in 0..{count - 1}; found {min(labels)}..{max(labels)}.")
+        label_names = list(names) if names is not None else [str(i) for i in range(count)]
+        return data.cast_column("label", datasets.ClassLabel(names=label_names))
+    values = sorted(set(data["label"]))
+    label_names = list(names) if names is not None else values
+    unknown = sorted(set(values) - set(label_names))
+    if unknown:
+        raise DataError(f"{spec!r}: labels {unknown[:5]} are not among the {len(label_names)} classes of the "
+                        "training split; a probe cannot score classes it never saw.")
+    return data.cast_column("label", datasets.ClassLabel(names=label_names))
 
 
 def select_pairs(data: datasets.Dataset | datasets.IterableDataset, *, langs: Sequence[str] | None = None,

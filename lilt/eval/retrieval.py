@@ -9,6 +9,7 @@ computed a block of queries at a time, so the full similarity matrix is never he
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -18,6 +19,7 @@ import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
+from ..config import DataError
 from ..data.loader import pair_loader
 from ..data.transforms import PairCollator
 
@@ -34,14 +36,15 @@ class EmbeddedPairs:
 
 
 def image_keys(data: datasets.Dataset) -> list[Any]:
-    """An identity per row's image: its file path when it has one, else the row itself."""
-    column = data.data.column("image").combine_chunks()
+    """An identity per row's image: its file path, else a hash of its bytes, else the row itself."""
+    # Through the row mapping (select/filter/shuffle), not the underlying Arrow table.
+    column = data.select_columns(["image"]).with_format("arrow")[:]["image"].combine_chunks()
     if pa.types.is_struct(column.type):
-        paths = column.field("path").to_pylist()
-    elif pa.types.is_string(column.type):
-        paths = column.to_pylist()
-    else:
-        paths = [None] * len(column)
+        paths, blobs = column.field("path").to_pylist(), column.field("bytes").to_pylist()
+        # Embedded files keep only their base name as `path`: two different 1.jpg must not merge.
+        return [("bytes", hashlib.sha1(b).hexdigest()) if b else (p if p else ("row", i))
+                for i, (p, b) in enumerate(zip(paths, blobs))]
+    paths = column.to_pylist() if pa.types.is_string(column.type) else [None] * len(column)
     return [p if p else ("row", i) for i, p in enumerate(paths)]
 
 
@@ -49,6 +52,9 @@ def image_keys(data: datasets.Dataset) -> list[Any]:
 def embed_pairs(model: Any, data: datasets.Dataset, *, features: bool = False, batch_size: int = 256,
                 num_workers: int = 0, progress: bool = False) -> EmbeddedPairs:
     """Embed each distinct image and every caption; `features=True` gives the towers' pooled features instead."""
+    if isinstance(data, datasets.IterableDataset):
+        raise DataError("evaluation needs a map-style dataset (it groups captions by image): load the source "
+                        "without streaming, or convert webdataset shards with datasets.Dataset.from_generator.")
     was_training = model.training
     model.eval()
     keys = image_keys(data)
@@ -91,9 +97,20 @@ def embed_pairs(model: Any, data: datasets.Dataset, *, features: bool = False, b
 TIE_TOL = 1e-5
 
 
-def hit_chance(higher: torch.Tensor, tied: torch.Tensor, k: int) -> torch.Tensor:
-    """Chance (0..1) that a positive beaten by `higher` and tied with `tied` wrong candidates is in the top k."""
-    return ((k - higher).double() / (tied + 1)).clamp(0, 1)
+def hit_chance(higher: torch.Tensor, tied: torch.Tensor, k: int, own: torch.Tensor | int = 1) -> torch.Tensor:
+    """Chance (0..1) that one of `own` tied positives is in the top k, behind `higher` and among `tied` wrong ones.
+
+    With ties broken at random, the r = k - higher places left go to r of the tied + own candidates:
+    a miss needs all r from the wrong ones, C(tied, r) / C(tied + own, r).
+    """
+    r = (k - higher).double()
+    t, m = tied.double(), torch.as_tensor(own, dtype=torch.double)
+    n = t + m
+    places = r.clamp(0).minimum(n)
+    log_miss = (torch.lgamma(t + 1) - torch.lgamma(places + 1) - torch.lgamma((t - places).clamp(min=0) + 1)
+                - torch.lgamma(n + 1) + torch.lgamma(places + 1) + torch.lgamma(n - places + 1))
+    miss = torch.where(places > t, torch.zeros_like(r), log_miss.exp())
+    return torch.where(r <= 0, torch.zeros_like(r), 1 - miss).clamp(0, 1)
 
 
 def recall_at_k(images: torch.Tensor, texts: torch.Tensor, text_image: torch.Tensor,
@@ -108,18 +125,20 @@ def recall_at_k(images: torch.Tensor, texts: torch.Tensor, text_image: torch.Ten
         t2i[0, s:s + chunk] = (scores > positive + TIE_TOL).sum(1)
         t2i[1, s:s + chunk] = ((scores - positive).abs() <= TIE_TOL).sum(1) - 1  # not the positive itself
     # image -> text: how many other images' captions beat / tie the image's best-scoring caption.
-    i2t = torch.empty(2, n_images, dtype=torch.long)
+    i2t = torch.empty(3, n_images, dtype=torch.long)
     for s in range(0, n_images, chunk):
         scores = images[s:s + chunk] @ texts.t()
         own = text_image[None, :] == torch.arange(s, min(s + chunk, n_images))[:, None]
         best = scores.masked_fill(~own, float("-inf")).max(1, keepdim=True).values
+        tie = (scores - best).abs() <= TIE_TOL
         i2t[0, s:s + chunk] = ((scores > best + TIE_TOL) & ~own).sum(1)
-        i2t[1, s:s + chunk] = (((scores - best).abs() <= TIE_TOL) & ~own).sum(1)
+        i2t[1, s:s + chunk] = (tie & ~own).sum(1)
+        i2t[2, s:s + chunk] = (tie & own).sum(1)  # own captions tied with the best: any of them is a hit
     has_caption = torch.bincount(text_image, minlength=n_images) > 0
     i2t = i2t[:, has_caption]
     out = {}
     for kk in k:
-        out[f"i2t/R@{kk}"] = 100.0 * float(hit_chance(i2t[0], i2t[1], kk).mean())
+        out[f"i2t/R@{kk}"] = 100.0 * float(hit_chance(i2t[0], i2t[1], kk, i2t[2]).mean())
         out[f"t2i/R@{kk}"] = 100.0 * float(hit_chance(t2i[0], t2i[1], kk).mean())
     out["mean_recall"] = float(np.mean([out[f"{d}/R@{kk}"] for d in ("i2t", "t2i") for kk in k]))
     return out

@@ -17,7 +17,7 @@ EMOJI = "builtin:emoji-cldr"
 def run_eval(model: Any, data: str, out: str | Path, *, task: Task = "retrieval", langs: Sequence[str] | None = None,
              classnames: str | Path | None = None, templates: str | Path | None = None, train_data: str | None = None,
              label_column: str = "label", batch_size: int = 256, num_workers: int = 0,
-             model_name: str | None = None) -> tuple[list[dict[str, Any]], dict[str, Path]]:
+             model_name: str | None = None, split: str | None = None) -> tuple[list[dict[str, Any]], dict[str, Path]]:
     """Evaluate `model` (a DualEncoder or a saved folder) on `data`; write eval.{json,md,png} under `out`."""
     import lilt
     from ..data import load_labelled, load_pairs
@@ -28,45 +28,52 @@ def run_eval(model: Any, data: str, out: str | Path, *, task: Task = "retrieval"
         model = lilt.DualEncoder.from_pretrained(model)
     options = dict(batch_size=batch_size, num_workers=num_workers)
     if task == "retrieval":
-        results = lilt.evaluate_retrieval(model, load_pairs(data, split=_split(data), langs=langs), progress=True,
-                                          **options)
+        results = lilt.evaluate_retrieval(model, load_pairs(data, split=split or _split(data), langs=langs),
+                                          progress=True, **options)
     elif task == "zeroshot":
-        results = _zeroshot(model, data, langs, classnames, templates, label_column, options)
+        results = _zeroshot(model, data, split, langs, classnames, templates, label_column, options)
     elif task == "linear-probe":
         from .probe import linear_probe
         if not train_data:
             raise ConfigError("--task linear-probe needs --train-data SPEC (labelled images to fit the probe on).")
         train = load_labelled(train_data, split=_split(train_data), label_column=label_column)
-        test = load_labelled(data, split=_split(data), label_column=label_column)
+        test = load_labelled(data, split=split or _split(data), label_column=label_column,
+                             names=train.features["label"].names)  # the same class ids in both splits
         results = {"all": linear_probe(model, train, test, label_column="label", **options)}
     else:
         raise ConfigError(f"unknown task {task!r}; choose retrieval, zeroshot or linear-probe.")
     budget = lilt.budget(model)
     plan = model.plan_state.plan.name if model.plan_state is not None else ""
-    rows = report_rows(results, dataset=data, task=task, model=model_name or plan or "model",
+    dataset_name = data if split is None or data.count(":") > 1 else f"{data}:{split}"
+    rows = report_rows(results, dataset=dataset_name, task=task, model=model_name or plan or "model",
                        extra={"plan": plan, "trainable_percent": round(budget.percent, 4),
                               "vision": model.vision.source, "text": model.text.source})
     return rows, write_report(rows, Path(out), name="eval")
 
 
 def _split(spec: str) -> str:
-    """Built-in sources are evaluated on their test split unless the spec names one (builtin:NAME:SPLIT)."""
+    """Default split: a built-in's test split (unless the spec names one); a folder or table's only split, train."""
     return "test" if spec.startswith("builtin:") else "train"
 
 
-def _zeroshot(model: Any, data: str, langs: Sequence[str] | None, classnames: str | Path | None,
+def _zeroshot(model: Any, data: str, split: str | None, langs: Sequence[str] | None, classnames: str | Path | None,
               templates: str | Path | None, label_column: str, options: dict[str, Any]) -> dict[str, Any]:
     from ..data import load_labelled
     from .zeroshot import emoji_zeroshot, evaluate_zeroshot
 
     if data.startswith(EMOJI):
-        split = data[len(EMOJI) + 1:] or "test"
-        dataset, names = emoji_zeroshot(split, langs=tuple(langs or ("en", "sw", "yo", "am", "ha", "mr")))
+        dataset, names = emoji_zeroshot(data[len(EMOJI) + 1:] or split or "test",
+                                        langs=tuple(langs or ("en", "sw", "yo", "am", "ha", "mr")))
     else:
-        dataset = load_labelled(data, split=_split(data), label_column=label_column)
+        dataset = load_labelled(data, split=split or _split(data), label_column=label_column)
         names = dataset.features["label"].names  # folder or label names, in label order
     if classnames is not None:
         names = _read_classnames(classnames)
+    if langs and isinstance(names, dict):
+        missing = [lang for lang in langs if lang not in names]
+        if missing:
+            raise ConfigError(f"--langs {missing}: no class names in those languages (the names have {sorted(names)}).")
+        names = {lang: names[lang] for lang in langs}
     return evaluate_zeroshot(model, dataset, names, templates, label_column="label", **options)
 
 

@@ -2,6 +2,8 @@
 
 # One import per line, and only numpy/datasets/evaluate: evaluate copies this file alone into its modules
 # cache and scans its `import` lines (it misreads `import a, b`) to check the dependencies are installed.
+from math import comb
+
 import datasets
 import evaluate
 import numpy as np
@@ -74,12 +76,17 @@ class RecallAtK(evaluate.Metric):
 
 
 def hit_chance(counts: np.ndarray, k: int) -> np.ndarray:
-    """Chance that a positive beaten by counts[:, 0] and tied with counts[:, 1] wrong candidates is in the top k."""
-    return np.clip((k - counts[:, 0]) / (counts[:, 1] + 1.0), 0.0, 1.0)
+    """Chance that one of counts[:, 2] tied positives is in the top k, behind counts[:, 0] wrong candidates
+    and among counts[:, 1] tied wrong ones (ties broken at random: a miss is C(tied, r) / C(tied + own, r))."""
+    out = np.empty(len(counts))
+    for i, (higher, tied, own) in enumerate(counts):
+        places = k - higher
+        out[i] = 0.0 if places <= 0 else 1.0 if places > tied else 1.0 - comb(tied, places) / comb(tied + own, places)
+    return out
 
 
 def positive_rank(scores: np.ndarray, positives, query: int) -> tuple:
-    """How many wrong candidates score higher than the query's best positive, and how many tie with it."""
+    """Wrong candidates above the query's best positive, wrong ones tied with it, and its positives tied with it."""
     positives = np.atleast_1d(np.asarray(positives, dtype=np.int64))
     if positives.size == 0:
         raise ValueError(f"query {query} has no correct candidate in references; recall is undefined for it")
@@ -89,4 +96,5 @@ def positive_rank(scores: np.ndarray, positives, query: int) -> tuple:
     wrong = np.ones(len(scores), dtype=bool)
     wrong[positives] = False
     best = scores[positives].max()
-    return int((scores[wrong] > best + TIE_TOL).sum()), int((np.abs(scores[wrong] - best) <= TIE_TOL).sum())
+    tie = np.abs(scores - best) <= TIE_TOL
+    return int((scores[wrong] > best + TIE_TOL).sum()), int(tie[wrong].sum()), int(tie[~wrong].sum())
