@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -54,7 +55,7 @@ def run_demo(out_dir: Path, recipe: str | Path = "recipes/demo.yaml", overrides:
     test_spec = DataConfig.from_dict({**data_config.to_dict(), "split": "test", "pairs_per_lang": None,
                                       "langs": eval_langs or data_config.langs})
     test_data, _, _ = resolve_data(None, test_spec, train_config.seed)
-    counts = _count(train_data["lang"])
+    counts = dict(Counter(train_data["lang"]).most_common())  # most pairs first
     print(f"training pairs per language: {counts}; test: {len(set(test_data['emoji']))} emoji, "
           f"{len(test_data)} captions in {len(set(test_data['lang']))} languages\n")
 
@@ -131,10 +132,3 @@ def plot_demo(results: dict[str, Any], history: list[dict[str, Any]], path: Path
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def _count(values: Sequence[str]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for value in values:
-        counts[value] = counts.get(value, 0) + 1
-    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
