@@ -61,6 +61,9 @@ class DualEncoder(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.init_temperature)))
         self.logit_bias = None if config.logit_bias is None else nn.Parameter(torch.tensor(float(config.logit_bias)))
         self.plan_state: PlanState | None = None
+        # Growth (lilt.growth): a shared encoder on top of both towers, and the ops applied, in order.
+        self.shared_encoder: nn.Module | None = None
+        self.growth: list[dict[str, Any]] = []
 
     @classmethod
     def from_backbones(cls, vision: str = DEFAULT_VISION, text: str = DEFAULT_TEXT, *, embed_dim: int = 256,
@@ -97,9 +100,18 @@ class DualEncoder(nn.Module):
         if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
             raise ValueError(f"encode_image expects a (batch, 3, height, width) tensor; got shape "
                              f"{tuple(pixel_values.shape)}. Preprocess PIL images with model.image_transform().")
-        features = self.vision(pixel_values.to(self.device))
-        embeds = self.vision_proj(features)
+        embeds = self.vision_proj(self.image_features(pixel_values))
         return F.normalize(embeds, dim=-1) if normalize else embeds
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """What the vision head sees: pooled tower features, through the shared encoder when grown."""
+        features = self.vision(pixel_values.to(self.device))
+        return self.shared_encoder(features, "vision") if self.shared_encoder is not None else features
+
+    def text_features(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """What the text head sees: pooled tower features of a tokenized batch, through the shared encoder."""
+        features = self.text({k: v.to(self.device) for k, v in batch.items()})
+        return self.shared_encoder(features, "text") if self.shared_encoder is not None else features
 
     def encode_text(self, text: Sequence[str] | str | Mapping[str, torch.Tensor],
                     normalize: bool = True) -> torch.Tensor:
@@ -108,8 +120,7 @@ class DualEncoder(nn.Module):
         missing = {"input_ids", "attention_mask"} - set(batch)
         if missing:
             raise ValueError(f"encode_text needs {sorted(missing)} in the tokenized batch; got {sorted(batch)}.")
-        batch = {k: v.to(self.device) for k, v in batch.items()}
-        embeds = self.text_proj(self.text(batch))
+        embeds = self.text_proj(self.text_features(batch))
         return F.normalize(embeds, dim=-1) if normalize else embeds
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -164,6 +175,7 @@ class DualEncoder(nn.Module):
             "format": FORMAT, "format_version": FORMAT_VERSION, "lilt_version": __version__,
             "model": self.config.to_dict(),
             "plan": self.plan_state.plan.to_dict() if self.plan_state else None,
+            "growth": self.growth,
             "backbones": {name: {"name": tower.source, "sha256": tower.backbone_sha256}
                           for name, tower in (("vision", self.vision), ("text", self.text))},
             "text_conventions": {"pooling": self.text.pooling, "prefix": self.text.prefix,
@@ -206,6 +218,9 @@ class DualEncoder(nn.Module):
                     "Point at the right backbone, or pass check_backbones=False to load anyway.")
         if manifest["plan"] is not None:
             apply_plan(model, TuningPlan.from_dict(manifest["plan"], where=f"{path / CONFIG_NAME}:plan"))
+        if manifest.get("growth"):  # rebuild the grown architecture; the saved tensors then fill it
+            from .growth import replay_growth
+            replay_growth(model, manifest["growth"])
         model.load_delta(path / WEIGHTS_NAME, manifest["weights"]["sha256"])
         return model
 

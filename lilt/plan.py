@@ -77,11 +77,15 @@ class PlanState:
     # In a tower whose head is frozen (a text-tower swap), parameters a rule tuned before a later rule
     # locked them: they hold the source model's trained values, so checkpoints must keep them.
     tuned: set[str] = field(default_factory=set)
+    # Parameters added by growth (lilt.growth), with the index of the op in the model's growth history.
+    grown: dict[str, int] = field(default_factory=dict)
 
     def label(self, name: str) -> str:
-        """'heads', 'frozen', or the owning rule's label."""
+        """'heads', 'frozen', 'growth N', or the owning rule's label."""
         if name in HEAD_PARAMS:
             return "heads"
+        if name in self.grown:
+            return f"growth {self.grown[name] + 1}"
         index = self.owners.get(name)
         return "frozen" if index is None else self.plan.rules[index].label(index)
 
@@ -177,18 +181,25 @@ def budget(model: Any) -> Budget:
     rules = state.plan.rules if state else []
     total = trainable = 0
     towers: dict[str, list[int]] = {"vision": [0, 0], "text": [0, 0], "heads": [0, 0]}
+    if getattr(model, "shared_encoder", None) is not None:
+        towers["shared"] = [0, 0]
     per_rule = [0] * len(rules)
+    history = getattr(model, "growth", [])
+    per_op = [0] * len(history)
     heads = unplanned = 0
     for name, p in model.named_parameters():
         n = p.numel()
-        tower = name.split(".")[0] if name.split(".")[0] in ("vision", "text") else "heads"
+        top = name.split(".")[0]
+        tower = top if top in ("vision", "text") else "shared" if top == "shared_encoder" else "heads"
         total += n
         towers[tower][1] += n
         if p.requires_grad:
             trainable += n
             towers[tower][0] += n
             index = state.owners.get(name) if state else None
-            if tower == "heads":
+            if state is not None and name in state.grown:
+                per_op[state.grown[name]] += n
+            elif tower == "heads":
                 heads += n
             elif index is not None:
                 per_rule[index] += n
@@ -198,6 +209,9 @@ def budget(model: Any) -> Budget:
     by_tower = {t: {"trainable": k, "total": n, "percent": pct(k, n)} for t, (k, n) in towers.items()}
     by_rule = [{"rule": i + 1, "label": r.label(i), "tower": r.tower, "method": r.method, "trainable": per_rule[i],
                 "percent": pct(per_rule[i], total)} for i, r in enumerate(rules)]
+    by_rule += [{"rule": 0, "label": f"growth {i + 1} ({record['op']})", "tower": _op_tower(record["op"]),
+                 "method": "growth", "trainable": per_op[i], "percent": pct(per_op[i], total)}
+                for i, record in enumerate(history)]
     by_rule.append({"rule": 0, "label": "projection heads + logit scale", "tower": "heads", "method": "heads",
                     "trainable": heads, "percent": pct(heads, total)})
     if unplanned:
@@ -209,3 +223,12 @@ def budget(model: Any) -> Budget:
         entry["trainable"] += row["trainable"]
         entry["percent"] = pct(entry["trainable"], total)
     return Budget(state.plan.name if state else "", trainable, total, by_tower, by_method, by_rule)
+
+
+def _op_tower(spec: str) -> str:
+    kind, target, *rest = spec.split(":")
+    if kind == "shared" or target == "shared":
+        return "shared"
+    if kind == "depth":
+        return target
+    return rest[1] if len(rest) > 1 else "heads" if target == "heads" else "both"

@@ -68,7 +68,7 @@ def embed_pairs(model: Any, data: datasets.Dataset, *, features: bool = False, b
     collate = PairCollator(model.image_transform(train=False), tokenize=None, extra_columns=())
     loader = pair_loader(data.select(unique_rows), collate, batch_size, shuffle=False, drop_last=False,
                          num_workers=num_workers)
-    encode_image = model.vision if features else model.encode_image
+    encode_image = model.image_features if features else model.encode_image
     images, kept, skipped = [], [], []
     for batch in tqdm(loader, disable=not progress, desc="images", leave=False):
         skipped += batch["bad"]
@@ -81,7 +81,7 @@ def embed_pairs(model: Any, data: datasets.Dataset, *, features: bool = False, b
     remap[torch.cat(kept)] = torch.arange(len(images_t))
     text_image = remap[text_image]
     texts = data["text"]
-    encode_text = model.text if features else model.encode_text
+    encode_text = model.text_features if features else model.encode_text
     chunks = [encode_text({k: v.to(model.device) for k, v in model.tokenize(texts[s:s + batch_size]).items()})
               .float().cpu() for s in tqdm(range(0, len(texts), batch_size), disable=not progress, desc="texts",
                                            leave=False)]

@@ -21,6 +21,7 @@ from torch import nn
 from ..config import ConfigBase, ConfigError, knob
 from ..towers.base import Tower
 from .base import MethodResult, Selection, register_method
+from .deep import GatedBlock
 
 _ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
 
@@ -137,6 +138,7 @@ def apply_adapter(tower: Tower, selection: Selection, options: AdapterOptions, t
     trainable: list[nn.Parameter] = []
     for index in selection.blocks:
         block = tower.blocks()[index]
+        block = block.block if isinstance(block, GatedBlock) else block  # an appended BERT layer behind its gate
         for path in sites.values():
             module: Any = block.get_submodule(path) if path else _last_leaf_block(block)
             adapter = Bottleneck(tower.block_channels(index), options, conv=tower.block_kind == "cnn")

@@ -68,35 +68,52 @@ def _zero(linear: nn.Module) -> None:
         nn.init.zeros_(linear.bias)
 
 
-def _new_cnn_block(tower: Tower, last: nn.Module) -> nn.Module:
+def activation_of(block: nn.Module) -> type[nn.Module]:
+    """The first activation type used inside a block (ReLU when none is found)."""
+    acts = [type(m) for m in block.modules() if isinstance(m, (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish))]
+    return acts[0] if acts else nn.ReLU
+
+
+def new_cnn_block(channels: int, act: type[nn.Module] = nn.ReLU, identity: bool = True) -> nn.Module:
+    """A fresh inverted-residual block (channels -> channels); `identity` zeroes its last BatchNorm scale."""
     from timm.models._efficientnet_blocks import InvertedResidual
 
-    channels = tower.block_channels(tower.num_blocks - 1)
-    acts = [type(m) for m in last.modules() if isinstance(m, (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish))]
-    act = acts[0] if acts else nn.ReLU
     block = InvertedResidual(channels, channels, dw_kernel_size=3, exp_ratio=6.0, act_layer=act)
-    nn.init.zeros_(block.bn3.weight)  # the residual branch ends in bn3: a zero scale makes the block the identity
+    if identity:
+        nn.init.zeros_(block.bn3.weight)  # the residual branch ends in bn3: a zero scale makes the block the identity
     return block
 
 
-def _new_block(tower: Tower, last: nn.Module, init: str) -> nn.Module:
+def new_block(tower: Tower, source: nn.Module, init: str = "copy", identity: bool = True,
+              channels: int | None = None) -> nn.Module:
+    """A block of the tower's own kind built from `source` (a block without added modules).
+
+    With `identity` its residual branch starts at zero, so inserting it anywhere leaves the tower's
+    output unchanged; without, it is the same block with its output layers at their fresh initialization
+    (what momentum inheritance mixes in).
+    """
     if tower.block_kind == "cnn":
-        block = _new_cnn_block(tower, last)
+        if channels is None:
+            channels = tower.block_channels(tower.num_blocks - 1)
+        block = new_cnn_block(channels, activation_of(source), identity)
     elif tower.block_kind == "prenorm":
-        block = copy.deepcopy(last)
+        block = copy.deepcopy(source)
         if init == "random":
             _reinit(block)
-        _zero(block.attn.proj)
-        _zero(block.mlp.fc2)
+        if identity:
+            _zero(block.attn.proj)
+            _zero(block.mlp.fc2)
     elif tower.block_kind == "postnorm":
-        inner = copy.deepcopy(last)
+        inner = copy.deepcopy(source)
         if init == "random":
             _reinit(inner)
         block = GatedBlock(inner)
+        if not identity:
+            nn.init.ones_(block.gate)
     else:
-        raise ConfigError(f"deep: cannot build an identity-initialized block for {tower.kind} blocks of kind "
+        raise ConfigError(f"cannot build an identity-initialized block for {tower.kind} blocks of kind "
                           f"{tower.block_kind!r} (supported: prenorm, postnorm, cnn).")
-    reference = next(last.parameters())
+    reference = next(source.parameters())
     block.to(device=reference.device, dtype=reference.dtype)
     if getattr(tower, "channels_last", False):
         block.to(memory_format=torch.channels_last)
@@ -117,7 +134,7 @@ def apply_deep(tower: Tower, selection: Selection, options: DeepOptions, tag: st
                           "rule; put the `deep` rule before adapter/lora/ia3 rules.")
     trainable: list[nn.Parameter] = []
     for _ in range(options.num_blocks):
-        block = _new_block(tower, last, options.init)
+        block = new_block(tower, last, options.init)
         block.requires_grad_(True)
         tower.extra_blocks.append(block)
         trainable.extend(block.parameters())

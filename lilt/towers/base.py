@@ -43,6 +43,8 @@ class Tower(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.extra_blocks = nn.ModuleList()
+        # Blocks added between backbone blocks by depth growth: key str(i) runs after backbone block i.
+        self.inserted_blocks = nn.ModuleDict()
         self.source = source
         state = backbone.state_dict()
         # Hash the pretrained weights now, before any rule or training can touch them.
@@ -95,7 +97,15 @@ class Tower(nn.Module):
         return len(self.backbone_blocks()) + len(self.extra_blocks)
 
     def _runnable_blocks(self) -> list[nn.Module]:
-        return self.blocks() if self.can_split else list(self.extra_blocks)
+        """Blocks in execution order: backbone blocks with inserted ones after them, then appended ones."""
+        if not self.can_split:
+            return list(self.extra_blocks)
+        order: list[nn.Module] = []
+        for i, block in enumerate(self.backbone_blocks()):
+            order.append(block)
+            if str(i) in self.inserted_blocks:
+                order.extend(self.inserted_blocks[str(i)])
+        return order + list(self.extra_blocks)
 
     def frozen_prefix_depth(self) -> int | None:
         """Leading runnable blocks with no trainable parameter; None when the stem itself trains."""
