@@ -1,4 +1,4 @@
-"""`lilt` command line: info | train | eval | embed | search | report | demo."""
+"""`lilt` command line: info | train | grow | eval | embed | search | report | demo."""
 
 from __future__ import annotations
 
@@ -132,6 +132,29 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_grow(args: argparse.Namespace) -> int:
+    """Grow a saved model offline (function-preserving at momentum 1) and save the grown checkpoint."""
+    import torch
+
+    import lilt
+    from .growth import Inheritance, grow_
+
+    out = Path(args.out or args.model)
+    if out.exists() and out.resolve() != Path(args.model).resolve() and any(out.iterdir()):
+        raise ConfigError(f"--out {out} exists and is not empty; choose a new folder (or omit --out to grow "
+                          f"{args.model} in place).")
+    model = lilt.DualEncoder.from_pretrained(args.model)
+    before = lilt.budget(model).trainable
+    torch.manual_seed(args.seed)
+    inherit = Inheritance(momentum=args.inherit_momentum, width_init=args.width_init)
+    for op in args.op:
+        result = grow_(model, op, inherit)
+        print(f"{result.op.spec()}: {len(result.added)} new tensors, {len(result.widened)} widened")
+    model.save_pretrained(out)
+    print(f"trainable parameters {before:,} -> {lilt.budget(model).trainable:,}; saved to {out}")
+    return 0
+
+
 def initial_model(init: dict, plan: Any, where: str) -> Any:
     """A recipe's `init:` section: continue from a saved model, optionally swapping its text tower."""
     import lilt
@@ -200,7 +223,18 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("runs", nargs="+", help="folders holding eval.json (lilt eval --out)")
     report.add_argument("--metric", default="i2t/R@1")
     report.add_argument("--out", help="write report.md and report.png (recall vs %% trainable) here")
-    for command, func in ((ev, cmd_eval), (embed, cmd_embed), (search, cmd_search), (report, cmd_report)):
+    grow = sub.add_parser("grow", help="grow a saved model: deeper or wider trainable parts, or a shared encoder")
+    grow.add_argument("--model", required=True, help="a folder written by save_pretrained / lilt train")
+    grow.add_argument("--op", required=True, action="append",
+                      help="growth op, repeatable: depth:TOWER:N[:top|interleave][:transformer], "
+                      "width:TARGET:FACTOR[:vision|text] (adapter, lora, blocks, heads, shared), shared:DEPTH:WIDTH")
+    grow.add_argument("--out", help="where the grown checkpoint goes (default: over --model)")
+    grow.add_argument("--inherit-momentum", type=float, default=1.0,
+                      help="new = m * inherited + (1 - m) * fresh; 1 (default) keeps the model's outputs exactly")
+    grow.add_argument("--width-init", default="split", choices=["split", "zero"])
+    grow.add_argument("--seed", type=int, default=0, help="seed of the fresh values mixed in when m < 1")
+    for command, func in ((ev, cmd_eval), (embed, cmd_embed), (search, cmd_search), (report, cmd_report),
+                          (grow, cmd_grow)):
         command.set_defaults(func=func)
     for command in (ev, embed):
         command.add_argument("--batch-size", type=int, default=256)

@@ -295,6 +295,49 @@ class DataConfig(ConfigBase):
 
 
 @dataclass
+class GrowthStage(ConfigBase):
+    """One stage of a staged run: the data it reveals, its steps, and how the model grows when it starts."""
+
+    steps: int = knob(help="optimizer steps of this stage")
+    data: float | str = knob(1.0, "training pairs this stage trains on: a fraction (0, 1] of the training set "
+                             "(stages reveal it cumulatively, in one seeded order), or a pair source added to "
+                             "what earlier stages revealed")
+    grow: list[str] = knob([], "growth ops applied when the stage starts, e.g. [depth:text:1, width:adapter:2] "
+                           "(see lilt.growth.OP_GRAMMAR)")
+    candidates: list[str] = knob([], "instead of `grow`: alternatives ('op' or 'op+op'), each trained "
+                                 "search_steps on this stage's data; the best by validation recall is kept")
+    search_steps: int = knob(20, "steps each candidate trains before they are compared (the winner keeps them)")
+    inherit_momentum: float = knob(1.0, "PIM: new parameters start at m * inherited + (1 - m) * fresh "
+                                   "(1: the grown model computes exactly what the old one did)")
+    inherit_from: Literal["weights", "ema"] = knob(
+        "weights", "what new parameters inherit from: the current weights, or their moving average "
+        "(TrainConfig.ema_decay), which the model then continues from")
+    width_init: Literal["split", "zero"] = knob(
+        "split", "widened units: copies with split outgoing weights (Net2Net), or fresh with zero outgoing weights")
+    optimizer_state: Literal["migrate", "copy", "reset"] = knob(
+        "migrate", "after growth: 'migrate' keeps every old tensor's Adam moments and step (new slices start at "
+        "zero), 'copy' gives widened slices the moments of the units they copy, 'reset' starts AdamW afresh")
+    restart_schedule: bool = knob(False, "restart warm-up and decay of the learning rate at this stage (default: "
+                                  "the schedule continues over the whole run)")
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise ConfigError(f"growth stage steps={self.steps} must be >= 1.")
+        if isinstance(self.data, float) and not 0.0 < self.data <= 1.0:
+            raise ConfigError(f"growth stage data={self.data} must be a fraction in (0, 1] or a pair source.")
+        if self.grow and self.candidates:
+            raise ConfigError("a growth stage takes either `grow` (fixed ops) or `candidates` (a search), not both.")
+        if self.candidates and not 1 <= self.search_steps < self.steps:
+            raise ConfigError(f"growth stage search_steps={self.search_steps} must be in [1, steps={self.steps}).")
+        if not 0.0 <= self.inherit_momentum <= 1.0:
+            raise ConfigError(f"growth stage inherit_momentum={self.inherit_momentum} must be in [0, 1].")
+        from .growth import GrowthOp  # checked here so a typo fails before any training
+
+        for spec in [*self.grow, *(op for c in self.candidates for op in c.split("+"))]:
+            GrowthOp.parse(spec.strip())
+
+
+@dataclass
 class TrainConfig(ConfigBase):
     """How the trainable parameters are optimized, evaluated, logged and checkpointed."""
 
@@ -332,6 +375,10 @@ class TrainConfig(ConfigBase):
                                    "epochs on the frozen towers' features of the training pairs, computed once "
                                    "(cheap; tower updates then start from aligned heads, not random ones)")
     head_warmup_lr: float = knob(1e-3, "learning rate of the head warm-up")
+    growth: list[GrowthStage] = knob([], "staged training with growth (GrowCLIP): stages in order, their steps "
+                                     "adding up to `steps`; [] trains one stage on all the data")
+    ema_decay: float | None = knob(None, "keep an exponential moving average of the trainable weights with this "
+                                   "decay (e.g. 0.99); growth stages may inherit from it")
     head_warmup_batch_size: int | None = knob(None, "batch size of the head warm-up (None: batch_size); larger is "
                                               "cheap there, as only the heads run")
 
@@ -344,6 +391,17 @@ class TrainConfig(ConfigBase):
                               f"accumulation_steps={self.accumulation_steps}.")
         if len(self.betas) != 2:
             raise ConfigError(f"TrainConfig.betas={self.betas} must hold two numbers.")
+        if self.growth and sum(s.steps for s in self.growth) != self.steps:
+            raise ConfigError(f"TrainConfig.steps={self.steps} but the growth stages' steps add up to "
+                              f"{sum(s.steps for s in self.growth)}; make them equal (e.g. train.steps="
+                              f"{sum(s.steps for s in self.growth)}).")
+        fractions = [s.data for s in self.growth if isinstance(s.data, float)]
+        if fractions != sorted(fractions):
+            raise ConfigError(f"growth stages reveal data cumulatively; their fractions {fractions} must not shrink.")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ConfigError(f"TrainConfig.ema_decay={self.ema_decay} must be in (0, 1).")
+        if any(s.inherit_from == "ema" for s in self.growth) and self.ema_decay is None:
+            raise ConfigError("a growth stage inherits from the EMA (inherit_from: ema); set TrainConfig.ema_decay.")
 
 
 def apply_overrides(data: dict[str, Any], overrides: typing.Sequence[str]) -> dict[str, Any]:

@@ -403,8 +403,8 @@ class _Grower:
             source = _sources(old, new)
             for name in ("vision_proj", "text_proj"):
                 head = getattr(self.model, name)
-                wide = nn.Linear(head.in_features, new, bias=head.bias is not None).to(head.weight.device,
-                                                                                      head.weight.dtype)
+                wide = nn.Linear(head.in_features, new, bias=head.bias is not None)
+                wide = wide.to(head.weight.device, head.weight.dtype)
                 self._widen_tensor(head, wide, "weight", 0, source, inherited_new="zero")
                 if head.bias is not None:
                     self._widen_tensor(head, wide, "bias", 0, source, inherited_new="zero")
@@ -486,7 +486,8 @@ class _Grower:
         if getattr(second, "bias", None) is not None:
             wide_second.bias.data.copy_(second.bias.data)
         names = [self.names[id(first)], self.names[id(second)]]
-        widened = [(first, wide_first, names[0], 0, ("weight", "bias")), (second, wide_second, names[1], 1, ("weight",))]
+        widened = [(first, wide_first, names[0], 0, ("weight", "bias")),
+                   (second, wide_second, names[1], 1, ("weight",))]
         for module in channelwise or []:
             wide = _resized(module, 0, new)
             for pname, _ in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
@@ -611,3 +612,46 @@ def iter_grown(model: Any) -> Iterator[str]:
     """Names of parameters growth added (for budgets and reports)."""
     state = getattr(model, "plan_state", None)
     return iter(state.grown) if state is not None else iter(())
+
+
+# -- optimizer state across growth -------------------------------------------------------------------
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+def migrate_optimizer_state(old: torch.optim.Optimizer, old_names: dict[nn.Parameter, str],
+                            new: torch.optim.Optimizer, new_model: nn.Module,
+                            widened: dict[str, Widening] | None = None, mode: str = "migrate") -> int:
+    """Carry Adam state from `old` (params named by `old_names`) into `new` over the grown model's params.
+
+    Kept tensors keep their moments and step count. A widened tensor keeps its old slices; its new slices
+    start at zero (`mode='migrate'`) or with the moments of the units they copy (`mode='copy'`). Brand-new
+    tensors have no state, so AdamW starts them from scratch. Returns how many tensors carried state.
+    """
+    widened = widened or {}
+    by_name = {old_names[p]: state for p, state in old.state.items() if p in old_names and state}
+    carried = 0
+    for name, param in new_model.named_parameters():
+        state = by_name.get(name)
+        if state is None or not param.requires_grad:
+            continue
+        moved: dict[str, Any] = {}
+        for key, value in state.items():
+            if not torch.is_tensor(value) or value.dim() == 0 or key not in ADAM_MOMENTS:
+                moved[key] = value.clone() if torch.is_tensor(value) else value
+                continue
+            if name in widened and value.shape != param.shape:
+                w = widened[name]
+                grown = value.index_select(w.dim, w.source.to(value.device))
+                if mode != "copy":
+                    keep = (torch.arange(len(w.source), device=value.device) < w.old_size)
+                    shape = [1] * grown.dim()
+                    shape[w.dim] = len(w.source)
+                    grown = grown * keep.view(shape).to(grown.dtype)
+                value = grown
+            if value.shape != param.shape:
+                raise RuntimeError(f"internal error: optimizer state {key} of {name} has shape "
+                                   f"{tuple(value.shape)}, the parameter {tuple(param.shape)}")
+            moved[key] = value.clone()
+        new.state[param] = moved
+        carried += 1
+    return carried

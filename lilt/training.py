@@ -23,12 +23,14 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
 from accelerate.utils import set_seed
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import state as ckpt
 from .config import ConfigError, DataConfig, TrainConfig
 from .data import DataError, PairCollator, image_transform, load_pairs, pair_loader
 from .eval.retrieval import EmbeddedPairs, embed_pairs, evaluate_retrieval
+from .growth import migrate_optimizer_state
 from .losses import clip_loss, siglip_loss
 
 logger = logging.getLogger(__name__)
@@ -46,6 +48,8 @@ class TrainResult:
     nonfinite_steps: int = 0
     samples_per_second: float = 0.0
     resumed_from: int | None = None
+    model: Any = None
+    stages: list[dict[str, Any]] = field(default_factory=list)
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
@@ -61,15 +65,36 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.A
 
 
 def lr_lambda(config: TrainConfig) -> Callable[[int], float]:
-    """Linear warm-up, then cosine / linear decay to zero, or constant."""
+    """Linear warm-up, then cosine / linear decay to zero, or constant; growth stages may restart it."""
+    restarts, begin = [0], 0
+    for stage in config.growth:
+        if stage.restart_schedule and begin:
+            restarts.append(begin)
+        begin += stage.steps
+
     def factor(step: int) -> float:
-        if step < config.warmup_steps:
-            return (step + 1) / (config.warmup_steps + 1)
-        progress = min(1.0, (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps))
+        start = max(b for b in restarts if b <= step)  # each restart's schedule ends where the next begins
+        local, total = step - start, min([b for b in restarts if b > step] + [config.steps]) - start
+        if local < config.warmup_steps:
+            return (local + 1) / (config.warmup_steps + 1)
+        progress = min(1.0, (local - config.warmup_steps) / max(1, total - config.warmup_steps))
         if config.schedule == "cosine":
             return 0.5 * (1.0 + math.cos(math.pi * progress))
         return 1.0 - progress if config.schedule == "linear" else 1.0
     return factor
+
+
+def continued_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig,
+                        step: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The run's LambdaLR over `optimizer`, positioned at `step` (so a rebuilt optimizer continues the schedule)."""
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
+    if step:
+        factor = lr_lambda(config)(step)
+        scheduler.last_epoch = step
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * factor
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    return scheduler
 
 
 def contrastive_loss(config: TrainConfig) -> Callable[..., torch.Tensor]:
@@ -118,8 +143,14 @@ def _accelerator(config: TrainConfig, model: torch.nn.Module) -> Accelerator:
 
 
 def train(model: torch.nn.Module, data: Any = None, config: TrainConfig | None = None, *,
-          data_config: DataConfig | None = None, val_data: Any = None) -> TrainResult:
-    """Train the model's trainable parameters contrastively on image-text pairs; returns what happened."""
+          data_config: DataConfig | None = None, val_data: Any = None,
+          on_stage_end: Callable[[torch.nn.Module, int, int], dict[str, Any]] | None = None) -> TrainResult:
+    """Train the model's trainable parameters contrastively on image-text pairs; returns what happened.
+
+    With `TrainConfig.growth` the run goes in stages: each trains on the data revealed so far and may
+    first grow the model in place (lilt.growth); `on_stage_end(model, stage, step)` may return extra
+    metrics recorded with each stage.
+    """
     config = config or TrainConfig()
     accelerator = _accelerator(config, model)
     set_seed(config.seed)  # dropout and any other draws of the loop; a resume restores its saved states instead
@@ -128,33 +159,94 @@ def train(model: torch.nn.Module, data: Any = None, config: TrainConfig | None =
     if config.batch_size % (accelerator.num_processes * config.accumulation_steps):
         raise ConfigError(f"TrainConfig.batch_size={config.batch_size} must divide evenly over "
                           f"{accelerator.num_processes} processes x {config.accumulation_steps} micro-batches.")
-    if not isinstance(data, datasets.IterableDataset) and len(data) < config.batch_size:
-        raise DataError(f"only {len(data)} training pairs for batch_size={config.batch_size}; lower the batch size.")
+    segments = stage_segments(data, config, data_config)
+    for seg in segments:
+        if not isinstance(seg.data, datasets.IterableDataset) and len(seg.data) < config.batch_size:
+            where = f" in growth stage {seg.index + 1}" if config.growth else ""
+            raise DataError(f"only {len(seg.data)} training pairs{where} for batch_size={config.batch_size}; lower "
+                            "the batch size" + (" or reveal more data in that stage." if config.growth else "."))
+    if any(seg.stage is not None and seg.stage.candidates for seg in segments) and val is None:
+        raise ConfigError("a growth stage with candidates compares them by validation recall; give validation "
+                          "pairs (DataConfig.val_source, or a builtin source with a validation split).")
     output = Path(config.output_dir)
+    folder = _resume_folder(config, output)
+    if folder is not None:  # rebuild what the checkpoint's run had grown, so its tensors and optimizer fit
+        from .growth import replay_growth
+        from .model import read_manifest
+        history = read_manifest(folder).get("growth", [])
+        replay_growth(model, history[len(model.growth):])
     collate = PairCollator(image_transform(model.vision.data_config, data_config.augment, train=True),
                            model.tokenize, seed=config.seed)
-    loader = pair_loader(data, collate, config.batch_size, seed=config.seed, num_workers=data_config.num_workers,
-                         pin_memory=data_config.pin_memory)
-    if config.head_warmup_epochs and not _will_resume(config, output):
-        warm_up_heads(model, data, config, data_config.num_workers, accelerator.is_main_process)
+    if config.head_warmup_epochs and folder is None:
+        warm_up_heads(model, segments[0].data, config, data_config.num_workers, accelerator.is_main_process)
     optimizer = make_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
-    prepared, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-    loop = _Loop(accelerator, prepared, model, optimizer, scheduler, config, data_config, contrastive_loss(config))
-    result = TrainResult(output, 0)
-    start = loop.resume(output, result)
+    loop = _Loop(accelerator, model, config, data_config, contrastive_loss(config), collate)
+    loop.install(model, optimizer, scheduler)
+    result = TrainResult(output, 0, model=model)
+    start = loop.resume(folder, result)
     if accelerator.is_main_process:
         output.mkdir(parents=True, exist_ok=True)
         (output / "train_config.json").write_text(config.to_json())
         (output / "data_config.json").write_text(data_config.to_json())
     accelerator.init_trackers("lilt", config={k: str(v) for k, v in config.to_dict().items()})
-    loop.run(loader, start, val, result)
+    loop.run(segments, start, val, result, on_stage_end)
     accelerator.end_training()
     return result
 
 
-def _will_resume(config: TrainConfig, output: Path) -> bool:
-    return config.resume != "never" and (config.resume != "auto" or bool(ckpt.checkpoint_dirs(output)))
+@dataclass
+class Segment:
+    """A stretch of training on one table: stage `index`, steps [begin, end)."""
+
+    index: int
+    begin: int
+    end: int
+    data: Any
+    stage: Any = None  # GrowthStage, or None without growth
+
+
+def stage_segments(data: Any, config: TrainConfig, data_config: DataConfig) -> list[Segment]:
+    """The tables each growth stage trains on (one segment over all the data without growth)."""
+    if not config.growth:
+        return [Segment(0, 0, config.steps, data)]
+    if isinstance(data, datasets.IterableDataset):
+        raise ConfigError("growth stages reveal fractions of the training set; load it as a map-style dataset "
+                          "(DataConfig.streaming: false).")
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(config.seed)).tolist()
+    fraction, added, segments, begin = 0.0, [], [], 0
+    options = dict(image_column=data_config.image_column, text_column=data_config.text_column,
+                   lang_column=data_config.lang_column, langs=data_config.langs, seed=config.seed,
+                   **data_config.options)
+    for index, stage in enumerate(config.growth):
+        if isinstance(stage.data, str):
+            extra = load_pairs(stage.data, data_config.split, **options)
+            added.append(extra.select_columns([c for c in data.column_names if c in extra.column_names]))
+        else:
+            fraction = stage.data
+        parts = ([data.select(sorted(order[:max(1, math.ceil(fraction * len(data)))]))] if fraction else []) + added
+        try:
+            table = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+        except ValueError as err:
+            raise DataError(f"growth stage {index + 1}: its source {stage.data!r} does not fit the training "
+                            f"pairs' columns ({err}).") from err
+        segments.append(Segment(index, begin, begin + stage.steps, table, stage))
+        begin += stage.steps
+    return segments
+
+
+def _resume_folder(config: TrainConfig, output: Path) -> Path | None:
+    """The checkpoint TrainConfig.resume points at, or None to start afresh."""
+    if config.resume == "never":
+        return None
+    if config.resume == "auto":
+        found = ckpt.checkpoint_dirs(output)
+        return found[-1] if found else None
+    folder = Path(config.resume)
+    if not (folder / ckpt.STATE_NAME).is_file():
+        raise ConfigError(f"TrainConfig.resume={config.resume!r} is not a complete checkpoint "
+                          f"(no {ckpt.STATE_NAME}); use 'auto', 'never' or a checkpoints/step-N folder.")
+    return folder
 
 
 def warm_up_heads(model: torch.nn.Module, data: datasets.Dataset, config: TrainConfig, num_workers: int = 0,
@@ -194,16 +286,40 @@ def warm_up_heads(model: torch.nn.Module, data: datasets.Dataset, config: TrainC
 
 
 class _Loop:
-    """The step machinery shared by the training loop: forward/backward, logging, checkpoints, bad data."""
+    """The step machinery shared by the training loop: forward/backward, logging, checkpoints, bad data, growth."""
 
-    def __init__(self, accelerator: Accelerator, prepared: torch.nn.Module, model: torch.nn.Module,
-                 optimizer: Any, scheduler: Any, config: TrainConfig, data_config: DataConfig,
-                 loss_fn: Callable) -> None:
-        self.acc, self.prepared, self.model = accelerator, prepared, model
-        self.optimizer, self.scheduler, self.config, self.data_config = optimizer, scheduler, config, data_config
-        self.loss_fn = loss_fn
+    def __init__(self, accelerator: Accelerator, model: torch.nn.Module, config: TrainConfig,
+                 data_config: DataConfig, loss_fn: Callable, collate: PairCollator) -> None:
+        self.acc, self.model, self.config, self.data_config = accelerator, model, config, data_config
+        self.prepared: Any = None
+        self.optimizer: Any = None
+        self.scheduler: Any = None
+        self.loss_fn, self.collate = loss_fn, collate
         self.counts = {"seen": 0, "bad": 0, "nonfinite_in_a_row": 0, "nonfinite": 0, "epoch": 0}
         self.bad_names: list[str] = []
+        self.ema: dict[str, torch.Tensor] | None = None
+
+    def install(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                ema: bool = True) -> None:
+        """Prepare a (new or grown) model with its optimizer and scheduler, dropping the previous ones."""
+        if self.prepared is not None:
+            if hasattr(self.prepared, "_remove_autograd_hooks"):
+                # DDP's reducer hooks the parameters it was built on; a stale one would all-reduce them again.
+                self.prepared._remove_autograd_hooks()
+            self.acc.free_memory()
+            self.prepared = None
+        self.prepared, self.optimizer, self.scheduler = self.acc.prepare(model, optimizer, scheduler)
+        self.model = model
+        if self.config.ema_decay is not None and ema:  # after prepare: DDP has made every process's weights equal
+            old = self.ema or {}
+            self.ema = {n: old[n] if n in old and old[n].shape == p.shape else p.detach().clone()
+                        for n, p in model.named_parameters() if p.requires_grad}
+
+    def loader(self, data: Any) -> Any:
+        """A prepared loader over one stage's table."""
+        loader = pair_loader(data, self.collate, self.config.batch_size, seed=self.config.seed,
+                             num_workers=self.data_config.num_workers, pin_memory=self.data_config.pin_memory)
+        return self.acc.prepare(loader)
 
     # -- one step ------------------------------------------------------------------------------------
     def step(self, batch: dict[str, Any]) -> float:
@@ -237,6 +353,11 @@ class _Loop:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            params = dict(self.model.named_parameters())
+            names = list(self.ema)
+            torch._foreach_lerp_([self.ema[n] for n in names], [params[n].detach() for n in names],
+                                 1.0 - self.config.ema_decay)
         return loss
 
     def _plain_backward(self, inputs: dict[str, torch.Tensor], chunks: int) -> float:
@@ -292,6 +413,8 @@ class _Loop:
             self.model.save_pretrained(tmp)
             ckpt.save_optimizer(self.optimizer, tmp)
             ckpt._write_json(tmp / "scheduler.json", self.scheduler.state_dict())
+            if self.ema is not None:
+                save_file({n: t.contiguous().cpu() for n, t in self.ema.items()}, str(tmp / "ema.safetensors"))
         self.acc.wait_for_everyone()
         ckpt.save_rng(tmp, self.acc.process_index)
         self.acc.wait_for_everyone()
@@ -301,26 +424,18 @@ class _Loop:
             ckpt.finalize(tmp, final, state, self.config.keep_checkpoints)
         self.acc.wait_for_everyone()
 
-    def resume(self, output: Path, result: TrainResult) -> int:
-        """Load the checkpoint TrainConfig.resume points at; returns the step to continue from."""
-        if self.config.resume == "never":
+    def resume(self, folder: Path | None, result: TrainResult) -> int:
+        """Load a checkpoint (found by _resume_folder); returns the step to continue from."""
+        if folder is None:
             return 0
-        if self.config.resume == "auto":
-            found = ckpt.checkpoint_dirs(output)
-            if not found:
-                return 0
-            folder = found[-1]
-        else:
-            folder = Path(self.config.resume)
-            if not (folder / ckpt.STATE_NAME).is_file():
-                raise ConfigError(f"TrainConfig.resume={self.config.resume!r} is not a complete checkpoint "
-                                  f"(no {ckpt.STATE_NAME}); use 'auto', 'never' or a checkpoints/step-N folder.")
         meta = ckpt.read_state(folder)
         from .model import read_manifest
         self.model.load_delta(folder / "model.safetensors", read_manifest(folder)["weights"]["sha256"])
         ckpt.load_optimizer(self.optimizer, folder)
         self.scheduler.load_state_dict(json.loads((folder / "scheduler.json").read_text()))
         ckpt.load_rng(folder, self.acc.process_index)
+        if self.ema is not None and (folder / "ema.safetensors").is_file():
+            self.ema = {n: t.to(self.acc.device) for n, t in load_file(str(folder / "ema.safetensors")).items()}
         self.counts.update(meta["counts"])
         self.bad_names = meta.get("bad_names", [])
         result.resumed_from = meta["step"]
@@ -329,19 +444,66 @@ class _Loop:
         return meta["step"]
 
     # -- the loop ---------------------------------------------------------------------------------------
-    def run(self, loader: Any, start: int, val: Any, result: TrainResult) -> None:
-        """Train from step `start` to TrainConfig.steps, evaluating, logging and checkpointing on the way."""
+    def run(self, segments: list[Segment], start: int, val: Any, result: TrainResult,
+            on_stage_end: Callable | None = None) -> None:
+        """Train from step `start` to TrainConfig.steps, stage by stage, evaluating, logging and checkpointing."""
         config, acc, output = self.config, self.acc, result.output_dir
+        bar = tqdm(total=config.steps, initial=start, disable=not acc.is_main_process, desc="train", unit="step")
+        history = [h for h in _read_history(output) if h["step"] <= start] if start else []
+        result.stages = [h["stage_end"] for h in history if "stage_end" in h]
+        began, samples = time.perf_counter(), [0]
+        for seg in segments:
+            if start >= seg.end:
+                continue
+            stage = seg.stage
+            if stage is not None and (stage.grow or stage.candidates) and start == seg.begin \
+                    and not any(r.get("stage") == seg.index + 1 for r in self.model.growth):
+                start = self.grow_stage(seg, val, history)
+                bar.update(start - seg.begin)
+            self.model.train()
+            self.train_segment(seg, start, val, result, history, bar, began, samples)
+            start = seg.end
+            if config.growth:
+                summary = {"stage": seg.index + 1, "step": seg.end, "pairs": len(seg.data),
+                           "trainable": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
+                           "growth": [r["op"] for r in self.model.growth if r.get("stage") == seg.index + 1]}
+                if val is not None and seg.end < config.steps:
+                    summary.update({k: v for k, v in self.evaluate(val, seg.end).items() if k != "step"})
+                if on_stage_end is not None:
+                    summary.update(on_stage_end(self.model, seg.index + 1, seg.end) or {})
+                result.stages.append(summary)
+                history.append({"step": seg.end, "stage_end": summary})
+        bar.close()
+        step = config.steps
+        result.steps, result.samples_per_second = step, samples[0] / max(1e-9, time.perf_counter() - began)
+        result.nonfinite_steps = self.counts["nonfinite"]
+        result.bad_items += self.counts["bad"]
+        result.model = self.model
+        if val is not None:
+            final = self.evaluate(val, step)
+            history.append(final)
+            result.metrics = final
+            if result.stages:  # the last stage's summary carries the final validation metrics
+                result.stages[-1].update({k: v for k, v in final.items() if k != "step"})
+        result.history = history
+        self._write_history(output, history)
+        self.save(output, step, None)
+        if acc.is_main_process:
+            self.model.save_pretrained(output / "model")
+
+    def train_segment(self, seg: Segment, start: int, val: Any, result: TrainResult, history: list[dict[str, Any]],
+                      bar: Any, began: float, samples: list[int]) -> None:
+        """Steps [start, seg.end) on the segment's data."""
+        config, acc, output = self.config, self.acc, result.output_dir
+        loader = self.loader(seg.data)
         steps_per_epoch = len(loader) if hasattr(loader, "__len__") else None
         if steps_per_epoch == 0:
             raise DataError("the training data gives no full batch; lower TrainConfig.batch_size.")
-        epoch = start // steps_per_epoch if steps_per_epoch else self.counts["epoch"]
-        skip = start - epoch * steps_per_epoch if steps_per_epoch else start
-        step, samples, began = start, 0, time.perf_counter()
-        bar = tqdm(total=config.steps, initial=start, disable=not acc.is_main_process, desc="train", unit="step")
-        history = [h for h in _read_history(output) if h["step"] <= start] if start else []
-        self.model.train()
-        while step < config.steps:
+        done = start - seg.begin
+        epoch = done // steps_per_epoch if steps_per_epoch else self.counts["epoch"]
+        skip = done - epoch * steps_per_epoch if steps_per_epoch else done
+        step = start
+        while step < seg.end:
             epoch_loader = acc.skip_first_batches(loader, skip) if skip else loader
             # Accelerate's loaders re-set the sampler's epoch from their own counter when iterated.
             epoch_loader.set_epoch(epoch)
@@ -353,8 +515,8 @@ class _Loop:
                 usable = self.count_data(batch)
                 loss = self.step(batch) if usable else float("nan")
                 step += 1
-                samples += config.batch_size
-                rate = samples / (time.perf_counter() - began)
+                samples[0] += config.batch_size
+                rate = samples[0] / (time.perf_counter() - began)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}", sps=f"{rate:.1f}")
                 if step % config.log_every == 0 or step == config.steps:
@@ -368,24 +530,107 @@ class _Loop:
                 if config.save_every and step % config.save_every == 0 and step < config.steps:
                     self._write_history(output, history)
                     self.save(output, step, steps_per_epoch)
-                if step >= config.steps:
+                if step >= seg.end:
                     break
             else:
                 self.end_epoch(result)
                 epoch += 1
-        bar.close()
-        result.steps, result.samples_per_second = step, samples / max(1e-9, time.perf_counter() - began)
-        result.nonfinite_steps = self.counts["nonfinite"]
-        result.bad_items += self.counts["bad"]
-        if val is not None:
-            final = self.evaluate(val, step)
-            history.append(final)
-            result.metrics = final
-        result.history = history
-        self._write_history(output, history)
-        self.save(output, step, steps_per_epoch)
-        if acc.is_main_process:
-            self.model.save_pretrained(output / "model")
+
+    # -- growth -------------------------------------------------------------------------------------------
+    def grow_stage(self, seg: Segment, val: Any, history: list[dict[str, Any]]) -> int:
+        """Grow the model in place for a stage (fixed ops or a search); returns the step training continues at."""
+        from .growth import Inheritance
+
+        stage = seg.stage
+        if stage.inherit_from == "ema" and self.ema is not None:
+            params = dict(self.model.named_parameters())
+            with torch.no_grad():
+                for name, value in self.ema.items():
+                    params[name].copy_(value)
+        inherit = Inheritance(momentum=stage.inherit_momentum, width_init=stage.width_init)
+        winner = None
+        if stage.candidates:
+            winner, scores = self.search(seg, val, inherit)
+            ops = [op.strip() for op in stage.candidates[winner["index"]].split("+")]
+        else:
+            ops, scores = list(stage.grow), None
+        old_names = {p: n for n, p in self.model.named_parameters()}
+        old_optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
+        widened = self._grow_ops(self.model, ops, inherit, seg)
+        if scores is not None:
+            self.model.growth[-1]["search"] = scores
+        optimizer = make_optimizer(self.model, self.config)
+        step = seg.begin
+        if winner is not None:  # continue from the candidate that won, its search steps included
+            self.model.load_state_dict(winner["model"].delta_state_dict(), strict=False)
+            names = {p: n for n, p in winner["model"].named_parameters()}
+            migrate_optimizer_state(winner["optimizer"], names, optimizer, self.model)
+            step += stage.search_steps
+            del winner
+        elif stage.optimizer_state != "reset":
+            migrate_optimizer_state(old_optimizer, old_names, optimizer, self.model, widened, stage.optimizer_state)
+        self.install(self.model, optimizer, continued_scheduler(optimizer, self.config, step))
+        if self.acc.is_main_process:
+            logger.info("stage %d: grew %s; %d trainable parameters", seg.index + 1, ops,
+                        sum(p.numel() for p in self.model.parameters() if p.requires_grad))
+        history.append({"step": step, "grew": ops, "stage": seg.index + 1, **({"search": scores} if scores else {})})
+        return step
+
+    def _grow_ops(self, model: torch.nn.Module, ops: list[str], inherit: Any, seg: Segment) -> dict[str, Any]:
+        from .growth import grow_
+
+        widened: dict[str, Any] = {}
+        # Fresh values come from a seed of their own: the same on every process and for every candidate,
+        # and the training RNG stream is left as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config.seed * 1000 + seg.index)
+            for op in ops:
+                result = grow_(model, op, inherit)
+                widened.update(result.widened)
+                model.growth[-1]["stage"] = seg.index + 1
+        return widened
+
+    def search(self, seg: Segment, val: Any, inherit: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """GrowCLIP's search, kept cheap: train each candidate search_steps on the stage's data, keep the best."""
+        from accelerate.utils import broadcast_object_list
+
+        from .growth import clone_model
+
+        stage, base = seg.stage, self.model
+        base_names = {p: n for n, p in base.named_parameters()}
+        base_optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
+        rng = torch.random.get_rng_state()
+        kept_ema, self.ema = self.ema, None  # candidates do not touch the run's moving average
+        scores: list[dict[str, Any]] = []
+        best: dict[str, Any] | None = None
+        for index, candidate in enumerate(stage.candidates):
+            torch.random.set_rng_state(rng)  # every candidate sees the same batches and draws
+            model = clone_model(base)
+            widened = self._grow_ops(model, [op.strip() for op in candidate.split("+")], inherit, seg)
+            optimizer = make_optimizer(model, self.config)
+            if stage.optimizer_state != "reset":
+                migrate_optimizer_state(base_optimizer, base_names, optimizer, model, widened, stage.optimizer_state)
+            self.install(model, optimizer, continued_scheduler(optimizer, self.config, seg.begin), ema=False)
+            model.train()
+            loader = self.loader(seg.data)
+            for i, batch in enumerate(loader):
+                if i >= stage.search_steps:
+                    break
+                if self.count_data(batch):
+                    self.step(batch)
+            metrics = self.evaluate(val, seg.begin + stage.search_steps)
+            score = [_mean_r1(metrics)]
+            broadcast_object_list(score) if self.acc.num_processes > 1 else None
+            scores.append({"candidate": candidate, "val_mean_R@1": score[0],
+                           "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)})
+            if best is None or score[0] > best["score"]:
+                best = {"index": index, "score": score[0], "model": model,
+                        "optimizer": getattr(self.optimizer, "optimizer", self.optimizer)}
+            if self.acc.is_main_process:
+                logger.info("stage %d candidate %s: validation mean R@1 %.2f", seg.index + 1, candidate, score[0])
+        self.counts.update(seen=0, bad=0)
+        self.ema, self.model = kept_ema, base  # the caller grows the base model like the winner
+        return best, scores
 
     def evaluate(self, val: Any, step: int) -> dict[str, Any]:
         """Validation retrieval R@1/5/10 per language (computed on the main process, logged)."""
@@ -405,6 +650,12 @@ class _Loop:
             tmp = output / ".history.jsonl.tmp"
             tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
             os.replace(tmp, output / "history.jsonl")
+
+
+def _mean_r1(metrics: dict[str, Any]) -> float:
+    """Mean of the i2t and t2i R@1 over the validation languages (how candidates are compared)."""
+    values = [v for k, v in metrics.items() if k.endswith("/R@1")]
+    return sum(values) / len(values) if values else 0.0
 
 
 def grad_cache_backward(prepared: torch.nn.Module, model: torch.nn.Module, inputs: dict[str, torch.Tensor],
