@@ -98,20 +98,41 @@ def run(name: str, args: argparse.Namespace, test: Any, grow: bool, momentum: fl
             "stages": per_stage}
 
 
+def average(seeds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean over seeds of every per-stage number; `mean/R@1 range` keeps the spread of the headline one."""
+    out = {k: v for k, v in seeds[0].items() if k not in ("stages", "seconds", "samples_per_second")}
+    out["seconds"] = round(sum(s["seconds"] for s in seeds) / len(seeds), 1)
+    out["samples_per_second"] = round(sum(s["samples_per_second"] for s in seeds) / len(seeds), 2)
+    stages_ = []
+    for i, first in enumerate(seeds[0]["stages"]):
+        row = dict(first)
+        for key, value in first.items():
+            if "R@1" in key:
+                row[key] = round(sum(s["stages"][i][key] for s in seeds) / len(seeds), 2)
+        values = [s["stages"][i]["mean/R@1"] for s in seeds]
+        row["mean/R@1 range"] = [min(values), max(values)]
+        stages_.append(row)
+    out["stages"] = stages_
+    return out
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The results table: mean test R@1 (en/sw/yo, i2t and t2i) and trainable parameters per stage."""
     runs = report["runs"]
     lines = [f"# Growth benchmark ({report['device']}, {report['mode']})", "",
              f"builtin:emoji-cldr ({', '.join(LANGS)}), stages reveal {', '.join(f'{f:.0%}' for f in FRACTIONS)} of "
              f"the training pairs, {report['steps_per_stage']} steps x batch {report['batch_size']} per stage; "
-             f"image size {report['image_size']}. Test R@1 (%) = mean over en/sw/yo of i2t and t2i.", "",
+             f"image size {report['image_size']}; seeds {report['seeds']} (means; stage 3 with its range over seeds). "
+             "Test R@1 (%) = mean over en/sw/yo of i2t and t2i.", "",
              "| run | stage 1 R@1 | stage 2 R@1 | stage 3 R@1 | en i2t | sw i2t | yo i2t | trainable per stage | "
              "param-steps (rel.) | seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
     base = runs[0]["trainable_param_steps"]
     for r in runs:
         s = r["stages"]
         sizes = " / ".join(f"{x['trainable']:,}" for x in s)
-        lines.append(f"| {r['label']} | {s[0]['mean/R@1']} | {s[1]['mean/R@1']} | {s[2]['mean/R@1']} | "
+        spread = s[2]["mean/R@1 range"]
+        final = f"{s[2]['mean/R@1']}" + (f" ({spread[0]}-{spread[1]})" if len(r["seeds"]) > 1 else "")
+        lines.append(f"| {r['label']} | {s[0]['mean/R@1']} | {s[1]['mean/R@1']} | {final} | "
                      f"{s[2]['en/i2t/R@1']} | {s[2]['sw/i2t/R@1']} | {s[2]['yo/i2t/R@1']} | "
                      f"{sizes} | {r['trainable_param_steps'] / base:.2f} | "
                      f"{r['seconds']:.0f} |")
@@ -148,32 +169,40 @@ def main(argv: list[str] | None = None) -> int:
     """Run every configuration and write growth.json / .md / .png."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="CPU-sized: fewer steps and smaller images")
-    parser.add_argument("--steps", type=int, help="steps per stage (default 40 quick, 150 full)")
+    parser.add_argument("--steps", type=int, help="steps per stage (default 25 quick, 150 full)")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--image-size", type=int, help="default 112 quick, 160 full")
+    parser.add_argument("--image-size", type=int, help="default 96 quick, 160 full")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--momenta", type=float, nargs="+", default=[0.5, 0.9], help="m < 1 values for (d)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds per configuration (mean and "
+                        "range reported): initialization draws, data order, augmentation, stage subsets")
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    args.steps = args.steps or (40 if args.quick else 150)
-    args.image_size = args.image_size or (112 if args.quick else 160)
+    args.steps = args.steps or (25 if args.quick else 150)
+    args.image_size = args.image_size or (96 if args.quick else 160)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or 'x86'}" \
         f", {torch.get_num_threads()} threads)"
     test = load_pairs("builtin:emoji-cldr", "test", langs=LANGS)
     began = time.perf_counter()
-    runs = [dict(run("small", args, test, grow=False), label="(a) fixed small"),
-            dict(run("large", args, test, grow=False, pregrow=True), label="(b) fixed large"),
-            dict(run("grow-m1", args, test, grow=True), label="(c) growth, m = 1")]
-    partial = [dict(run(f"grow-m{m}", args, test, grow=True, momentum=m), label=f"(d) growth, m = {m}")
-               for m in args.momenta]
-    best = max(partial, key=lambda r: r["stages"][-1]["mean/R@1"])
-    runs += partial
-    runs.append(dict(run("grow-no-migration", args, test, grow=True, optimizer_state="reset"),
-                     label="(e) growth, m = 1, no optimizer migration"))
-    report = {"device": device, "mode": "quick" if args.quick else "full", "steps_per_stage": args.steps,
-              "batch_size": args.batch_size, "image_size": args.image_size, "lr": args.lr, "seed": args.seed,
+    configs = [("small", "(a) fixed small", {"grow": False}),
+               ("large", "(b) fixed large", {"grow": False, "pregrow": True}),
+               ("grow-m1", "(c) growth, m = 1", {"grow": True}),
+               *[(f"grow-m{m}", f"(d) growth, m = {m}", {"grow": True, "momentum": m}) for m in args.momenta],
+               ("grow-no-migration", "(e) growth, m = 1, no optimizer migration",
+                {"grow": True, "optimizer_state": "reset"})]
+    runs = []
+    for name, label, options in configs:
+        seeds = []
+        for seed in args.seeds:
+            args.seed = seed
+            seeds.append(run(name, args, test, **options))
+        runs.append(dict(average(seeds), label=label, seeds=args.seeds, per_seed=seeds))
+    best = max((r for r in runs if r["label"].startswith("(d)")), key=lambda r: r["stages"][-1]["mean/R@1"])
+    default = (25, 96) if args.quick else (150, 160)
+    mode = ("quick" if args.quick else "full") if (args.steps, args.image_size) == default else "custom"
+    report = {"device": device, "mode": mode, "steps_per_stage": args.steps,
+              "batch_size": args.batch_size, "image_size": args.image_size, "lr": args.lr, "seeds": args.seeds,
               "stage_ops": STAGE_OPS, "fractions": FRACTIONS, "plan": PLAN, "best_momentum": best["momentum"],
               "total_seconds": round(time.perf_counter() - began, 1), "torch": torch.__version__,
               "python": sys.version.split()[0], "runs": runs}

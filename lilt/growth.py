@@ -210,11 +210,14 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
 
 
 # -- public API ----------------------------------------------------------------------------------
-def grow(model: Any, op: "GrowthOp | str | dict", inherit: Inheritance | None = None,
-         generator: torch.Generator | None = None) -> GrowthResult:
-    """A grown copy of `model` (frozen backbone tensors shared, not copied) and the name mapping."""
+def grow(model: Any, op: "GrowthOp | str | dict", inherit: Inheritance | None = None) -> GrowthResult:
+    """A grown copy of `model` (frozen backbone tensors shared, not copied) and the name mapping.
+
+    Fresh values (new blocks' weights, what momentum < 1 mixes in) come from torch's global RNG:
+    seed it (torch.manual_seed) for a reproducible growth.
+    """
     clone = clone_model(model)
-    return grow_(clone, op, inherit, generator)
+    return grow_(clone, op, inherit)
 
 
 def grow_depth(model: Any, tower: str, n: int = 1, where: str = "top", *, block: str = "own",
@@ -241,13 +244,12 @@ def clone_model(model: Any) -> Any:
     return copy.deepcopy(model, memo)
 
 
-def grow_(model: Any, op: "GrowthOp | str | dict", inherit: Inheritance | None = None,
-          generator: torch.Generator | None = None) -> GrowthResult:
+def grow_(model: Any, op: "GrowthOp | str | dict", inherit: Inheritance | None = None) -> GrowthResult:
     """Grow `model` in place; returns it with the name mapping (identity for kept names) and widenings."""
     op = GrowthOp.parse(op)
     inherit = inherit or Inheritance()
     before = {n for n, _ in model.named_parameters()}
-    grower = _Grower(model, inherit, generator)
+    grower = _Grower(model, inherit)
     record: dict[str, Any] = {"op": op.spec()}
     with torch.no_grad():
         if op.kind == "depth":
@@ -269,18 +271,19 @@ def grow_(model: Any, op: "GrowthOp | str | dict", inherit: Inheritance | None =
         after[name].requires_grad_(True)
         if state is not None:
             state.grown[name] = index
-    for name in grower.widened:
-        after[name].requires_grad_(True)
     return GrowthResult(model, {n: n for n in before if n in after}, added, grower.widened, op)
 
 
 def replay_growth(model: Any, history: list[dict[str, Any]]) -> None:
     """Re-apply a checkpoint's growth history so its saved tensors fit (values come from the checkpoint)."""
+    heads = [r["sizes"]["heads"] for r in history if r.get("sizes", {}).get("heads")]
+    # A checkpoint's config holds its final embed_dim, so from_pretrained builds the heads at the grown
+    # width already; a run resumed from a recipe builds them at the starting width and must widen them.
+    built_wide = bool(heads) and model.vision_proj.out_features == heads[-1]
     for record in history:
         op = GrowthOp.parse(record["op"])
-        if op.kind == "width" and op.target == "heads" and record.get("sizes", {}).get("heads") == \
-                model.vision_proj.out_features:
-            model.growth.append(dict(record))  # built at the grown embedding width from the saved config
+        if op.kind == "width" and op.target == "heads" and built_wide:
+            model.growth.append(dict(record))
             continue
         grow_(model, op, Inheritance(width_init=record.get("width_init", "split")))
         model.growth[-1] = dict(record)
@@ -322,8 +325,8 @@ def _mix_modules(inherited: nn.Module, fresh: nn.Module, m: float) -> None:
 class _Grower:
     """Applies one op to a model in place, collecting what it added or widened."""
 
-    def __init__(self, model: Any, inherit: Inheritance, generator: torch.Generator | None) -> None:
-        self.model, self.inherit, self.generator = model, inherit, generator
+    def __init__(self, model: Any, inherit: Inheritance) -> None:
+        self.model, self.inherit = model, inherit
         self.touched = 0
         self.widened: dict[str, Widening] = {}
         self.names = {id(m): n for n, m in model.named_modules()}
@@ -404,7 +407,8 @@ class _Grower:
             for name in ("vision_proj", "text_proj"):
                 head = getattr(self.model, name)
                 wide = nn.Linear(head.in_features, new, bias=head.bias is not None)
-                wide = wide.to(head.weight.device, head.weight.dtype)
+                # A frozen head (a text-tower swap keeps the vision one) stays frozen when widened.
+                wide = wide.to(head.weight.device, head.weight.dtype).requires_grad_(head.weight.requires_grad)
                 self._widen_tensor(head, wide, "weight", 0, source, inherited_new="zero")
                 if head.bias is not None:
                     self._widen_tensor(head, wide, "bias", 0, source, inherited_new="zero")

@@ -49,6 +49,9 @@ def swap_plan(old: TuningPlan | None, text_plan: TuningPlan | None = None) -> Tu
 def swap_text_tower(model: DualEncoder, text: str | TextConfig | dict[str, Any],
                     text_plan: TuningPlan | str | Path | None = None) -> DualEncoder:
     """A new model: `model`'s frozen vision side (tower, its tuned modules, vision head) and a new text tower."""
+    if getattr(model, "growth", None):
+        raise ConfigError(f"swap_text_tower does not carry growth yet: the model was grown by "
+                          f"{[r['op'] for r in model.growth]}; swap before growing, then grow the swapped model.")
     if isinstance(text_plan, (str, Path)):
         text_plan = TuningPlan.from_recipe(text_plan)
     if isinstance(text, str):

@@ -169,6 +169,7 @@ def train(model: torch.nn.Module, data: Any = None, config: TrainConfig | None =
         raise ConfigError("a growth stage with candidates compares them by validation recall; give validation "
                           "pairs (DataConfig.val_source, or a builtin source with a validation split).")
     output = Path(config.output_dir)
+    grown_before = len(model.growth)  # a model loaded from a grown checkpoint: its records are not this run's
     folder = _resume_folder(config, output)
     if folder is not None:  # rebuild what the checkpoint's run had grown, so its tensors and optimizer fit
         from .growth import replay_growth
@@ -182,6 +183,7 @@ def train(model: torch.nn.Module, data: Any = None, config: TrainConfig | None =
     optimizer = make_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     loop = _Loop(accelerator, model, config, data_config, contrastive_loss(config), collate)
+    loop.grown_before = grown_before
     loop.install(model, optimizer, scheduler)
     result = TrainResult(output, 0, model=model)
     start = loop.resume(folder, result)
@@ -298,6 +300,7 @@ class _Loop:
         self.counts = {"seen": 0, "bad": 0, "nonfinite_in_a_row": 0, "nonfinite": 0, "epoch": 0}
         self.bad_names: list[str] = []
         self.ema: dict[str, torch.Tensor] | None = None
+        self.grown_before = 0
 
     def install(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                 ema: bool = True) -> None:
@@ -457,7 +460,7 @@ class _Loop:
                 continue
             stage = seg.stage
             if stage is not None and (stage.grow or stage.candidates) and start == seg.begin \
-                    and not any(r.get("stage") == seg.index + 1 for r in self.model.growth):
+                    and not any(r.get("stage") == seg.index + 1 for r in self.model.growth[self.grown_before:]):
                 start = self.grow_stage(seg, val, history)
                 bar.update(start - seg.begin)
             self.model.train()
@@ -466,7 +469,8 @@ class _Loop:
             if config.growth:
                 summary = {"stage": seg.index + 1, "step": seg.end, "pairs": len(seg.data),
                            "trainable": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
-                           "growth": [r["op"] for r in self.model.growth if r.get("stage") == seg.index + 1]}
+                           "growth": [r["op"] for r in self.model.growth[self.grown_before:]
+                                      if r.get("stage") == seg.index + 1]}
                 if val is not None and seg.end < config.steps:
                     summary.update({k: v for k, v in self.evaluate(val, seg.end).items() if k != "step"})
                 if on_stage_end is not None:
