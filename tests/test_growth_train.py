@@ -166,3 +166,23 @@ def test_staged_growth_recipes_are_valid() -> None:
         config = TrainConfig.from_dict(data["train"], where=str(path))
         assert config.growth and sum(s.steps for s in config.growth) == config.steps
         lilt.TuningPlan.from_dict(data["plan"])
+
+
+def test_a_stage_can_add_a_new_source_and_a_grown_checkpoint_grows_again(make_model, tmp_path: Path) -> None:
+    model = tiny(make_model)
+    data = DataConfig(num_workers=0, options={"n": 32})
+    first = TrainConfig.from_dict({
+        "output_dir": str(tmp_path / "first"), "steps": 4, "batch_size": 8, "report_to": [], "warmup_steps": 1,
+        "growth": [{"steps": 2, "data": 0.5}, {"steps": 2, "data": "builtin:tiny-random", "grow": ["depth:text:1"]}]})
+    result = train(model, "builtin:tiny-random", first, data_config=data)
+    # Stage 2 keeps stage 1's half (16 pairs) and adds the 32 pairs of the new source.
+    assert [s["pairs"] for s in result.stages] == [16, 48]
+    loaded = lilt.DualEncoder.from_pretrained(tmp_path / "first" / "model")
+    assert [r["op"] for r in loaded.growth] == ["depth:text:1"] and loaded.growth[0]["stage"] == 2
+    # A new run over the loaded model: its stage 2 must grow although the loaded history has a stage-2 record.
+    second = TrainConfig.from_dict({
+        "output_dir": str(tmp_path / "second"), "steps": 4, "batch_size": 8, "report_to": [], "warmup_steps": 1,
+        "growth": [{"steps": 2, "data": 0.5}, {"steps": 2, "data": 1.0, "grow": ["depth:text:1"]}]})
+    result = train(loaded, "builtin:tiny-random", second, data_config=data)
+    assert [r["op"] for r in loaded.growth] == ["depth:text:1", "depth:text:1"]
+    assert result.stages[1]["growth"] == ["depth:text:1"] and len(loaded.text.extra_blocks) == 2
