@@ -28,7 +28,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -610,12 +610,6 @@ def _resized(module: nn.Module, dim: int, size: int) -> nn.Module:
         wide = wide.to(memory_format=torch.channels_last)
     wide.requires_grad_(module.weight.requires_grad)
     return wide
-
-
-def iter_grown(model: Any) -> Iterator[str]:
-    """Names of parameters growth added (for budgets and reports)."""
-    state = getattr(model, "plan_state", None)
-    return iter(state.grown) if state is not None else iter(())
 
 
 # -- optimizer state across growth -------------------------------------------------------------------

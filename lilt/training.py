@@ -169,7 +169,8 @@ def train(model: torch.nn.Module, data: Any = None, config: TrainConfig | None =
         raise ConfigError("a growth stage with candidates compares them by validation recall; give validation "
                           "pairs (DataConfig.val_source, or a builtin source with a validation split).")
     output = Path(config.output_dir)
-    grown_before = len(model.growth)  # a model loaded from a grown checkpoint: its records are not this run's
+    # A model loaded from a grown checkpoint carries growth records that are not this run's.
+    grown_before = len(getattr(model, "growth", []))
     folder = _resume_folder(config, output)
     if folder is not None:  # rebuild what the checkpoint's run had grown, so its tensors and optimizer fit
         from .growth import replay_growth
