@@ -70,6 +70,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         model = lilt.DualEncoder(ModelConfig.from_dict(recipe.get("model", {}), where=f"{args.recipe}:model"))
         lilt.apply_plan(model, plan)
     result = train(model, data_config, train_config)
+    for stage in result.stages:
+        recall = [v for k, v in stage.items() if k.startswith("val/all/") and k.endswith("R@1")]
+        print(f"stage {stage['stage']}: {stage['pairs']} pairs, {stage['trainable']:,} trainable parameters, grew "
+              f"{', '.join(stage['growth']) or 'nothing'}"
+              + (f", validation R@1 (i2t, t2i) {', '.join(f'{v:.1f}' for v in recall)}" if recall else ""))
     if result.metrics:
         print(json.dumps({k: round(v, 2) for k, v in result.metrics.items() if k.endswith("R@1")}, indent=1))
     print(f"{result.steps} steps, {result.samples_per_second:.1f} samples/s, {result.bad_items} unreadable items "
