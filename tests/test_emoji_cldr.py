@@ -44,7 +44,10 @@ def test_splits_are_disjoint_by_emoji_deterministic_and_seeded(cache: Path) -> N
     assert set().union(*splits.values()) == everything
     assert len(splits["test"]) == round(0.3 * len(everything))
     assert set(load_emoji_cldr("test", langs=["en"], cache_dir=cache)["emoji"]) == splits["test"]
-    assert set(load_emoji_cldr("test", langs=["en"], seed=1, cache_dir=cache)["emoji"]) != splits["test"]
+    assert set(load_emoji_cldr("test", langs=["en"], split_seed=1, cache_dir=cache)["emoji"]) != splits["test"]
+    # A training run's seed only picks per-language subsets: it never moves test emoji into training.
+    assert set(load_emoji_cldr("test", langs=["en"], seed=1, cache_dir=cache)["emoji"]) == splits["test"]
+    assert set(load_emoji_cldr("train", langs=["en"], seed=7, cache_dir=cache)["emoji"]) == splits["train"]
     # Other languages follow the same split: a test emoji is a test emoji in every language.
     assert set(load_emoji_cldr("test", langs=["sw"], cache_dir=cache)["emoji"]) <= splits["test"]
 

@@ -150,8 +150,13 @@ def split_of(emoji: Sequence[str], seed: int, val_fraction: float, test_fraction
 def load_emoji_cldr(split: str | None = "train", langs: Sequence[str] | None = None,
                     pairs_per_lang: int | Mapping[str, int] | None = None, keywords: bool = False, seed: int = 0,
                     val_fraction: float = 0.1, test_fraction: float = 0.3,
-                    cache_dir: str | os.PathLike | None = None) -> datasets.Dataset:
-    """Emoji images paired with their CLDR names (and optionally keywords) in the chosen languages."""
+                    cache_dir: str | os.PathLike | None = None, split_seed: int = 0) -> datasets.Dataset:
+    """Emoji images paired with their CLDR names (and optionally keywords) in the chosen languages.
+
+    `seed` picks the `pairs_per_lang` subsets (a training run passes its own seed); `split_seed` decides
+    which emoji are train, validation and test, and stays fixed unless asked, so that no training seed
+    can move a test emoji into training.
+    """
     if split is not None and split not in SPLITS:
         raise DataError(f"builtin:emoji-cldr has splits {list(SPLITS)}; got {split!r}.")
     root = emoji_cldr_root(cache_dir)
@@ -159,14 +164,14 @@ def load_emoji_cldr(split: str | None = "train", langs: Sequence[str] | None = N
     if quiet:  # selecting a few thousand rows is instant; progress bars would only be noise
         datasets.utils.disable_progress_bars()
     try:
-        return _load(root, split, langs, pairs_per_lang, keywords, seed, val_fraction, test_fraction)
+        return _load(root, split, langs, pairs_per_lang, keywords, seed, val_fraction, test_fraction, split_seed)
     finally:
         if quiet:
             datasets.utils.enable_progress_bars()
 
 
 def _load(root: Path, split: str | None, langs: Sequence[str] | None, pairs_per_lang: int | Mapping[str, int] | None,
-          keywords: bool, seed: int, val_fraction: float, test_fraction: float) -> datasets.Dataset:
+          keywords: bool, seed: int, val_fraction: float, test_fraction: float, split_seed: int) -> datasets.Dataset:
     table = datasets.load_from_disk(str(root / "captions"))
     if langs:
         known = set(table.unique("lang"))
@@ -177,7 +182,7 @@ def _load(root: Path, split: str | None, langs: Sequence[str] | None, pairs_per_
                             f"CLDR locales such as en, sw, yo, am, ha, mr, es, de, zh, ar.")
         wanted = set(langs)
         table = table.filter(lambda b: [x in wanted for x in b["lang"]], batched=True)
-    assignment = split_of(table.unique("emoji"), seed, val_fraction, test_fraction)
+    assignment = split_of(table.unique("emoji"), split_seed, val_fraction, test_fraction)
     splits = [assignment[e] for e in table["emoji"]]
     table = table.add_column("split", splits)
     if split is not None:
