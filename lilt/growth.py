@@ -97,6 +97,15 @@ class GrowthOp(ConfigBase):
             pass
         raise ConfigError(f"growth op {spec!r} is not understood. Spell it {OP_GRAMMAR}.")
 
+    @property
+    def part(self) -> str:
+        """The part of the model the op grows: vision, text, both, heads or shared (for budgets)."""
+        if self.kind == "shared" or self.target == "shared":
+            return "shared"
+        if self.kind == "depth":
+            return self.target
+        return "heads" if self.target == "heads" else self.tower
+
     def spec(self) -> str:
         """The compact spelling (inverse of `parse`)."""
         if self.kind == "depth":
@@ -406,16 +415,12 @@ class _Grower:
             source = _sources(old, new)
             for name in ("vision_proj", "text_proj"):
                 head = getattr(self.model, name)
-                wide = nn.Linear(head.in_features, new, bias=head.bias is not None)
-                # A frozen head (a text-tower swap keeps the vision one) stays frozen when widened.
-                wide = wide.to(head.weight.device, head.weight.dtype).requires_grad_(head.weight.requires_grad)
-                self._widen_tensor(head, wide, "weight", 0, source, inherited_new="zero")
-                if head.bias is not None:
-                    self._widen_tensor(head, wide, "bias", 0, source, inherited_new="zero")
-                setattr(self.model, name, wide)
-                self._record(f"{name}.weight", 0, source, old)
-                if head.bias is not None:
-                    self._record(f"{name}.bias", 0, source, old)
+                wide = _resized(head, 0, new)  # keeps requires_grad: a frozen head (text-tower swap) stays frozen
+                for pname in ("weight", "bias"):
+                    if getattr(head, pname, None) is not None:
+                        self._widen_tensor(head, wide, pname, 0, source, inherited_new="zero")
+                        self._record(f"{name}.{pname}", 0, source, old)
+                self._replace(head, wide)
             self.model.config.embed_dim = new
             self.touched += 1
             return {"heads": new}

@@ -184,6 +184,8 @@ def budget(model: Any) -> Budget:
     if getattr(model, "shared_encoder", None) is not None:
         towers["shared"] = [0, 0]
     per_rule = [0] * len(rules)
+    from .growth import GrowthOp  # growth builds on the methods; imported here, where a budget needs it
+
     history = getattr(model, "growth", [])
     per_op = [0] * len(history)
     heads = unplanned = 0
@@ -209,7 +211,7 @@ def budget(model: Any) -> Budget:
     by_tower = {t: {"trainable": k, "total": n, "percent": pct(k, n)} for t, (k, n) in towers.items()}
     by_rule = [{"rule": i + 1, "label": r.label(i), "tower": r.tower, "method": r.method, "trainable": per_rule[i],
                 "percent": pct(per_rule[i], total)} for i, r in enumerate(rules)]
-    by_rule += [{"rule": 0, "label": f"growth {i + 1} ({record['op']})", "tower": _op_tower(record["op"]),
+    by_rule += [{"rule": 0, "label": f"growth {i + 1} ({record['op']})", "tower": GrowthOp.parse(record["op"]).part,
                  "method": "growth", "trainable": per_op[i], "percent": pct(per_op[i], total)}
                 for i, record in enumerate(history)]
     by_rule.append({"rule": 0, "label": "projection heads + logit scale", "tower": "heads", "method": "heads",
@@ -223,12 +225,3 @@ def budget(model: Any) -> Budget:
         entry["trainable"] += row["trainable"]
         entry["percent"] = pct(entry["trainable"], total)
     return Budget(state.plan.name if state else "", trainable, total, by_tower, by_method, by_rule)
-
-
-def _op_tower(spec: str) -> str:
-    kind, target, *rest = spec.split(":")
-    if kind == "shared" or target == "shared":
-        return "shared"
-    if kind == "depth":
-        return target
-    return rest[1] if len(rest) > 1 else "heads" if target == "heads" else "both"

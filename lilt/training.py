@@ -89,7 +89,7 @@ def continued_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig,
     """The run's LambdaLR over `optimizer`, positioned at `step` (so a rebuilt optimizer continues the schedule)."""
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     if step:
-        factor = lr_lambda(config)(step)
+        factor = scheduler.lr_lambdas[0](step)
         scheduler.last_epoch = step
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * factor
@@ -109,6 +109,12 @@ def contrastive_loss(config: TrainConfig) -> Callable[..., torch.Tensor]:
     return lambda img, txt, scale, bias: clip_loss(img.float(), txt.float(), scale, local_loss=config.local_loss)
 
 
+def _source_options(data_config: DataConfig, seed: int) -> dict[str, Any]:
+    """load_pairs keyword arguments a DataConfig implies (columns, languages, seed, source options)."""
+    return dict(image_column=data_config.image_column, text_column=data_config.text_column,
+                lang_column=data_config.lang_column, langs=data_config.langs, seed=seed, **data_config.options)
+
+
 def resolve_data(data: Any, data_config: DataConfig | None, seed: int) -> tuple[Any, Any, DataConfig]:
     """Training and validation tables from a spec string, a DataConfig or a ready `datasets` table."""
     if isinstance(data, DataConfig):
@@ -117,9 +123,7 @@ def resolve_data(data: Any, data_config: DataConfig | None, seed: int) -> tuple[
         data_config = DataConfig.from_dict({**(data_config.to_dict() if data_config else {}), "source": str(data)})
         data = None
     data_config = data_config or DataConfig()
-    options = dict(image_column=data_config.image_column, text_column=data_config.text_column,
-                   lang_column=data_config.lang_column, langs=data_config.langs, seed=seed,
-                   **data_config.options)
+    options = _source_options(data_config, seed)
     if data is None:
         data = load_pairs(data_config.source, data_config.split, pairs_per_lang=data_config.pairs_per_lang,
                           max_pairs=data_config.max_pairs, streaming=data_config.streaming, **options)
@@ -218,9 +222,7 @@ def stage_segments(data: Any, config: TrainConfig, data_config: DataConfig) -> l
                           "(DataConfig.streaming: false).")
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(config.seed)).tolist()
     fraction, added, segments, begin = 0.0, [], [], 0
-    options = dict(image_column=data_config.image_column, text_column=data_config.text_column,
-                   lang_column=data_config.lang_column, langs=data_config.langs, seed=config.seed,
-                   **data_config.options)
+    options = _source_options(data_config, config.seed)
     for index, stage in enumerate(config.growth):
         if isinstance(stage.data, str):
             extra = load_pairs(stage.data, data_config.split, **options)
@@ -625,7 +627,8 @@ class _Loop:
                     self.step(batch)
             metrics = self.evaluate(val, seg.begin + stage.search_steps)
             score = [_mean_r1(metrics)]
-            broadcast_object_list(score) if self.acc.num_processes > 1 else None
+            if self.acc.num_processes > 1:  # only the main process evaluated
+                broadcast_object_list(score)
             scores.append({"candidate": candidate, "val_mean_R@1": score[0],
                            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)})
             if best is None or score[0] > best["score"]:
