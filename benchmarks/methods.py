@@ -24,7 +24,7 @@ import torch
 
 import lilt
 from lilt.losses import clip_loss
-from lilt.model import WEIGHTS_NAME
+from lilt.checkpoint import WEIGHTS_NAME
 
 RESULTS = Path(__file__).parent / "results"
 

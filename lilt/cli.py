@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import DEFAULT_TEXT, DEFAULT_VISION, ConfigError, DataError
+from .config import DEFAULT_TEXT, DEFAULT_VISION
+from .errors import ConfigError, LiltError
+from .recipe import Recipe
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -48,28 +50,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a recipe: its model, plan, train and data sections, with KEY=VALUE overrides."""
+    overrides = [*args.overrides, *([f"train.output_dir={args.output_dir}"] if args.output_dir else [])]
+    recipe = Recipe.from_file(args.recipe, overrides)  # every section checked before torch loads
+    recipe.require_model_source()
     import torch
 
     import lilt
-    from .config import DataConfig, ModelConfig, TrainConfig, apply_overrides, read_mapping
     from .training import train
 
-    recipe = apply_overrides(read_mapping(args.recipe), args.overrides)
-    if args.output_dir:
-        recipe.setdefault("train", {})["output_dir"] = args.output_dir
-    plan = lilt.TuningPlan.from_dict(recipe["plan"], where=f"{args.recipe}:plan") if "plan" in recipe else None
-    train_config = TrainConfig.from_dict(recipe.get("train", {}), where=f"{args.recipe}:train")
-    data_config = DataConfig.from_dict(recipe.get("data", {}), where=f"{args.recipe}:data")
-    torch.manual_seed(train_config.seed)  # the same fresh heads and adapters on every process
-    if "init" in recipe:
-        model = initial_model(recipe["init"], plan, where=f"{args.recipe}:init")
-    elif plan is None:
-        raise ConfigError(f"{args.recipe}: no 'plan:' section; a recipe needs one (or an 'init:' section that "
-                          "starts from a saved model).")
+    torch.manual_seed(recipe.train.seed)  # the same fresh heads and adapters on every process
+    if recipe.init is not None:
+        model = initial_model(recipe.init, recipe.plan)
     else:
-        model = lilt.DualEncoder(ModelConfig.from_dict(recipe.get("model", {}), where=f"{args.recipe}:model"))
-        lilt.apply_plan(model, plan)
-    result = train(model, data_config, train_config)
+        model = lilt.DualEncoder(recipe.model)
+        lilt.apply_plan(model, recipe.plan)
+    result = train(model, recipe.data, recipe.train)
     for stage in result.stages:
         recall = [v for k, v in stage.items() if k.startswith("val/all/") and k.endswith("R@1")]
         print(f"stage {stage['stage']}: {stage['pairs']} pairs, {stage['trainable']:,} trainable parameters, grew "
@@ -160,22 +155,13 @@ def cmd_grow(args: argparse.Namespace) -> int:
     return 0
 
 
-def initial_model(init: dict, plan: Any, where: str) -> Any:
+def initial_model(init: Any, plan: Any) -> Any:
     """A recipe's `init:` section: continue from a saved model, optionally swapping its text tower."""
     import lilt
     from .swap import swap_text_tower
 
-    unknown = set(init) - {"from", "swap_text"}
-    if unknown or "from" not in init:
-        raise ConfigError(f"{where}: expected keys 'from' (a saved model folder) and optionally 'swap_text' (a "
-                          f"text backbone name or text config); got {sorted(init)}.")
-    model = lilt.DualEncoder.from_pretrained(init["from"])
-    if "swap_text" in init:
-        return swap_text_tower(model, init["swap_text"], plan)
-    if plan is not None:
-        raise ConfigError(f"{where}: continuing from {init['from']} keeps that model's plan; drop the recipe's "
-                          "'plan:' section (or add 'swap_text' to re-plan the text side).")
-    return model
+    model = lilt.DualEncoder.from_pretrained(init.source)
+    return swap_text_tower(model, init.swap_text, plan) if init.swap_text is not None else model
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -259,8 +245,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, DataError) as err:
-        print(f"lilt {args.command}: error: {err}", file=sys.stderr)
+    except LiltError as err:
+        # One line: the message names the bad value and the fix; a traceback would only bury it.
+        print(f"lilt {args.command}: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
 
 

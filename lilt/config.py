@@ -1,200 +1,41 @@
-"""Dataclasses for every knob, with validation, clear errors and a JSON/YAML round trip.
+"""Dataclasses for every knob of a model, its data and its training, with validation and clear errors.
 
-Each config is a dataclass whose fields carry `metadata={"help": ...}` (as peft does), so the
-CLI, the docs and error messages all read the same text. `from_dict` refuses unknown keys and
-names the closest accepted one, because a misspelt key that is silently ignored is the most
-expensive bug a training recipe can have.
+The machinery (typed fields with help, unknown keys refused with a 'did you mean', JSON/YAML round
+trip) lives in `lilt.configbase`; the errors in `lilt.errors`. Torch-free: a recipe is checked before
+anything heavy is imported.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import json
-import types
-import typing
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal, Mapping, TypeVar
+from dataclasses import dataclass
+from typing import Literal
 
-import yaml
+from .configbase import ConfigBase, apply_overrides, knob, read_mapping
+from .errors import ConfigError, DataError, close_matches, did_you_mean
+from .growth.ops import GrowthOp
 
-T = TypeVar("T", bound="ConfigBase")
+__all__ = ["ConfigBase", "ConfigError", "DataConfig", "DataError", "GrowthStage", "ModelConfig", "TextConfig",
+           "TrainConfig", "VisionConfig", "apply_overrides", "close_matches", "did_you_mean", "knob", "read_mapping"]
 
 DEFAULT_VISION = "packaged:efficientnet-lite0"
 DEFAULT_TEXT = "packaged:multilingual-e5-small"
 
 
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown or out of range."""
+# Keyword arguments that make transformers/timm import or run code shipped next to the weights, or fetch
+# files: a recipe or a checkpoint is data, so none of them is accepted from one.
+CODE_LOADING_KWARGS = frozenset({"trust_remote_code", "code_revision", "revision", "use_auth_token", "token",
+                                 "cache_dir", "force_download", "local_files_only", "proxies", "_commit_hash",
+                                 "pretrained_cfg_overlay", "pretrained_cfg", "checkpoint_path", "weights_only",
+                                 "use_safetensors", "from_tf", "from_flax", "gguf_file", "subfolder",
+                                 "device_map", "quantization_config", "key_mapping", "attn_implementation"})
 
 
-class DataError(ValueError):
-    """Pair data that cannot be read as asked (missing column, unknown split, too many unreadable items)."""
-
-
-def knob(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:
-    """A dataclass field with help text; mutable defaults become factories."""
-    if isinstance(default, (dict, list)):
-        value = default
-        return field(default_factory=lambda: type(value)(value), metadata={"help": help}, **kwargs)
-    return field(default=default, metadata={"help": help}, **kwargs)
-
-
-def close_matches(word: str, candidates: typing.Iterable[str], n: int = 3) -> list[str]:
-    """Up to n candidates that look like `word` (for 'did you mean' hints)."""
-    return difflib.get_close_matches(word, list(candidates), n=n, cutoff=0.5)
-
-
-def did_you_mean(word: str, candidates: typing.Iterable[str]) -> str:
-    """A ' Did you mean ...?' sentence, or '' when nothing is close."""
-    hits = close_matches(word, candidates)
-    return f" Did you mean {' or '.join(repr(h) for h in hits)}?" if hits else ""
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check `value` against the annotation `tp`, converting nested configs and lists."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, where)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(errors[0] if len(errors) == 1 else
-                          f"{where}: {value!r} is not a valid {_type_name(tp)}")
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            raise ConfigError(f"{where}: {value!r} is not one of {list(choices)}."
-                              + did_you_mean(str(value), map(str, choices)))
-        return value
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        args = typing.get_args(tp)
-        inner = args[0] if args else Any
-        items = [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
-        return items if origin is list else tuple(items)
-    if origin is dict:
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
-    if isinstance(tp, type) and issubclass(tp, ConfigBase):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {value!r}")
-        return tp.from_dict(value, where=where)
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):
-        # PyYAML reads '1e-4' (no dot) as a string; accept what a person clearly meant as a number.
-        try:
-            return float(value)
-        except ValueError:
-            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
-    if tp in (int, float) and isinstance(value, bool):
-        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
-    if isinstance(tp, type) and not isinstance(value, tp):
-        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r} ({type(value).__name__})")
-    return value
-
-
-@dataclass
-class ConfigBase:
-    """Base of every lilt config: typed fields, validation, dict/JSON/YAML round trip."""
-
-    def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            where = f"{type(self).__name__}.{f.name}"
-            setattr(self, f.name, _coerce(getattr(self, f.name), hints[f.name], where))
-        self.validate()
-
-    def validate(self) -> None:
-        """Check cross-field constraints; raise ConfigError naming the bad value."""
-
-    @classmethod
-    def field_help(cls) -> dict[str, str]:
-        """Field name -> help text."""
-        return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
-
-    @classmethod
-    def from_dict(cls: type[T], data: Mapping[str, Any], where: str | None = None) -> T:
-        """Build from a mapping, refusing unknown keys with a 'did you mean' hint."""
-        where = where or cls.__name__
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"{where}: expected a mapping, got {data!r}")
-        names = [f.name for f in dataclasses.fields(cls)]
-        for key in data:
-            if key not in names:
-                raise ConfigError(f"{where}: unknown key {key!r}.{did_you_mean(str(key), names)} "
-                                  f"Accepted keys: {', '.join(names)}.")
-        missing = [f.name for f in dataclasses.fields(cls) if f.name not in data
-                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-        if missing:
-            raise ConfigError(f"{where}: missing required key(s) {missing}.")
-        hints = typing.get_type_hints(cls)
-        kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
-        return cls(**kwargs)
-
-    def to_dict(self) -> dict[str, Any]:
-        """A plain dict of JSON-compatible values (nested configs become dicts)."""
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, ConfigBase):
-                value = value.to_dict()
-            elif isinstance(value, (list, tuple)):
-                value = [v.to_dict() if isinstance(v, ConfigBase) else v for v in value]
-            out[f.name] = value
-        return out
-
-    def to_json(self, path: str | Path | None = None) -> str:
-        """Serialize to JSON text, and write it to `path` when given."""
-        text = json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"
-        if path is not None:
-            Path(path).write_text(text, encoding="utf-8")
-        return text
-
-    @classmethod
-    def from_file(cls: type[T], path: str | Path, section: str | None = None) -> T:
-        """Load from a JSON or YAML file, optionally from one top-level section."""
-        data = read_mapping(path)
-        where = str(path)
-        if section is not None:
-            if section not in data:
-                raise ConfigError(f"{path}: no '{section}:' section (found: {', '.join(data) or 'nothing'}).")
-            data, where = data[section], f"{path}:{section}"
-        return cls.from_dict(data, where=where)
-
-
-def read_mapping(path: str | Path) -> dict[str, Any]:
-    """Read a YAML or JSON file that must hold a mapping."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist.")
-    text = path.read_text(encoding="utf-8")
-    try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as err:
-        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {err}") from err
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}.")
-    return data
+def _no_code_kwargs(kwargs: dict, where: str) -> None:
+    bad = sorted(k for k in kwargs if k in CODE_LOADING_KWARGS or not isinstance(k, str) or k.startswith("_"))
+    if bad:
+        raise ConfigError(f"{where}: {bad} cannot be set from a config; lilt loads only safetensors weights and "
+                          "never runs code shipped with a backbone. Pass architecture options only (e.g. "
+                          "hidden_dropout_prob, depth, img_size).")
 
 
 @dataclass
@@ -214,8 +55,9 @@ class VisionConfig(ConfigBase):
     def validate(self) -> None:
         if not self.name:
             raise ConfigError("VisionConfig.name is empty; give a timm model name, a directory or 'packaged:NAME'.")
-        if self.image_size is not None and self.image_size < 8:
-            raise ConfigError(f"VisionConfig.image_size={self.image_size} is too small (use >= 8 or None).")
+        if self.image_size is not None and not 8 <= self.image_size <= 4096:
+            raise ConfigError(f"VisionConfig.image_size={self.image_size} must be in [8, 4096] (or None).")
+        _no_code_kwargs(self.model_kwargs, "VisionConfig.model_kwargs")
 
 
 @dataclass
@@ -234,8 +76,10 @@ class TextConfig(ConfigBase):
     def validate(self) -> None:
         if not self.name:
             raise ConfigError("TextConfig.name is empty; give a model directory, hub id or 'packaged:NAME'.")
-        if self.max_length is not None and self.max_length < 2:
-            raise ConfigError(f"TextConfig.max_length={self.max_length} must be >= 2 (room for [CLS] and [SEP]).")
+        if self.max_length is not None and not 2 <= self.max_length <= 8192:
+            raise ConfigError(f"TextConfig.max_length={self.max_length} must be in [2, 8192] (room for [CLS] and "
+                              "[SEP]; most text models stop at 512).")
+        _no_code_kwargs(self.model_kwargs, "TextConfig.model_kwargs")
 
 
 @dataclass
@@ -253,8 +97,8 @@ class ModelConfig(ConfigBase):
                                     "None: no bias")
 
     def validate(self) -> None:
-        if self.embed_dim < 1:
-            raise ConfigError(f"ModelConfig.embed_dim={self.embed_dim} must be positive.")
+        if not 1 <= self.embed_dim <= 65536:
+            raise ConfigError(f"ModelConfig.embed_dim={self.embed_dim} must be in [1, 65536].")
         if not 0 < self.min_temperature <= self.init_temperature <= self.max_temperature:
             raise ConfigError(
                 "ModelConfig temperatures must satisfy 0 < min_temperature <= init_temperature <= "
@@ -284,14 +128,31 @@ class DataConfig(ConfigBase):
     num_workers: int = knob(2, "DataLoader worker processes per training process")
     pin_memory: bool = knob(True, "pin host memory for faster copies to the GPU (ignored on CPU)")
     max_bad_fraction: float = knob(0.01, "stop when more than this fraction of an epoch's items are unreadable "
-                                   "(corrupt image, missing file, empty caption); below it they are skipped and "
-                                   "counted")
+                                   "(corrupt image, missing file, empty or non-UTF-8 caption), or of the last "
+                                   "`bad_window` items; below it they are skipped and counted")
+    bad_window: int = knob(1000, "the running window (items) over which max_bad_fraction is also checked, so a run "
+                           "shorter than an epoch stops on bad data too")
+    allow_outside_root: bool = knob(False, "let a pair table name image files outside its own folder (absolute "
+                                    "paths, ../); off, a table cannot make lilt open arbitrary files")
 
     def validate(self) -> None:
         if not 0 <= self.max_bad_fraction <= 1:
             raise ConfigError(f"DataConfig.max_bad_fraction={self.max_bad_fraction} must be in [0, 1].")
-        if self.num_workers < 0:
-            raise ConfigError(f"DataConfig.num_workers={self.num_workers} must be >= 0.")
+        if not 0 <= self.num_workers <= 256:
+            raise ConfigError(f"DataConfig.num_workers={self.num_workers} must be in [0, 256].")
+        if self.max_pairs is not None and self.max_pairs < 1:
+            raise ConfigError(f"DataConfig.max_pairs={self.max_pairs} must be >= 1 (or null for all pairs).")
+        caps = self.pairs_per_lang if isinstance(self.pairs_per_lang, dict) else {"every language": self.pairs_per_lang}
+        for lang, cap in caps.items():
+            if cap is not None and cap < 0:
+                raise ConfigError(f"DataConfig.pairs_per_lang: {cap} pairs for {lang} is negative; give a count >= 0.")
+        for name in ("source", "split", "val_split", "image_column", "text_column", "lang_column"):
+            if not str(getattr(self, name)).strip():
+                raise ConfigError(f"DataConfig.{name} is empty.")
+        if self.langs is not None and (not self.langs or not all(isinstance(x, str) and x for x in self.langs)):
+            raise ConfigError(f"DataConfig.langs={self.langs!r} must be a non-empty list of language codes (or null).")
+        if not 1 <= self.bad_window <= 10_000_000:
+            raise ConfigError(f"DataConfig.bad_window={self.bad_window} must be in [1, 10000000].")
 
 
 @dataclass
@@ -323,6 +184,8 @@ class GrowthStage(ConfigBase):
     def validate(self) -> None:
         if self.steps < 1:
             raise ConfigError(f"growth stage steps={self.steps} must be >= 1.")
+        if isinstance(self.data, str) and not self.data.strip():
+            raise ConfigError("growth stage data is empty; give a fraction in (0, 1] or a pair source.")
         if isinstance(self.data, float) and not 0.0 < self.data <= 1.0:
             raise ConfigError(f"growth stage data={self.data} must be a fraction in (0, 1] or a pair source.")
         if self.grow and self.candidates:
@@ -331,8 +194,6 @@ class GrowthStage(ConfigBase):
             raise ConfigError(f"growth stage search_steps={self.search_steps} must be in [1, steps={self.steps}).")
         if not 0.0 <= self.inherit_momentum <= 1.0:
             raise ConfigError(f"growth stage inherit_momentum={self.inherit_momentum} must be in [0, 1].")
-        from .growth import GrowthOp  # checked here so a typo fails before any training
-
         for spec in [*self.grow, *(op for c in self.candidates for op in c.split("+"))]:
             GrowthOp.parse(spec.strip())
 
@@ -389,8 +250,29 @@ class TrainConfig(ConfigBase):
         if self.batch_size % self.accumulation_steps:
             raise ConfigError(f"TrainConfig.batch_size={self.batch_size} is not divisible by "
                               f"accumulation_steps={self.accumulation_steps}.")
-        if len(self.betas) != 2:
-            raise ConfigError(f"TrainConfig.betas={self.betas} must hold two numbers.")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"TrainConfig.betas={self.betas} must be two numbers in [0, 1) (AdamW: [0.9, 0.999]).")
+        for name, low, high in (("lr", 0.0, 10.0), ("head_warmup_lr", 0.0, 10.0), ("max_grad_norm", 0.0, None),
+                                ("weight_decay", None, None)):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if (low is not None and value <= low) or (high is not None and value > high) or value < 0:
+                bounds = f"in ({low}, {high}]" if high is not None else ("> 0" if low is not None else ">= 0")
+                raise ConfigError(f"TrainConfig.{name}={value} must be {bounds}.")
+        for name, low, high in (("warmup_steps", 0, None), ("log_every", 1, None), ("eval_every", 0, None),
+                                ("save_every", 0, None), ("keep_checkpoints", 1, 1000),
+                                ("max_nonfinite_steps", 1, None),
+                                ("eval_batch_size", 1, None), ("head_warmup_epochs", 0, 100_000),
+                                ("head_warmup_batch_size", 1, None), ("seed", 0, 2**32 - 1)):
+            value = getattr(self, name)
+            if value is not None and (value < low or (high is not None and value > high)):
+                bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
+                raise ConfigError(f"TrainConfig.{name}={value} must be {bounds}.")
+        if not self.output_dir.strip():
+            raise ConfigError("TrainConfig.output_dir is empty; name a folder for checkpoints and the model.")
+        if not self.resume.strip():
+            raise ConfigError("TrainConfig.resume is empty; use 'auto', 'never' or a checkpoint folder.")
         if self.growth and sum(s.steps for s in self.growth) != self.steps:
             raise ConfigError(f"TrainConfig.steps={self.steps} but the growth stages' steps add up to "
                               f"{sum(s.steps for s in self.growth)}; make them equal (e.g. train.steps="
@@ -402,19 +284,3 @@ class TrainConfig(ConfigBase):
             raise ConfigError(f"TrainConfig.ema_decay={self.ema_decay} must be in (0, 1).")
         if any(s.inherit_from == "ema" for s in self.growth) and self.ema_decay is None:
             raise ConfigError("a growth stage inherits from the EMA (inherit_from: ema); set TrainConfig.ema_decay.")
-
-
-def apply_overrides(data: dict[str, Any], overrides: typing.Sequence[str]) -> dict[str, Any]:
-    """Set `section.key=value` pairs (values parsed as YAML: 3, 1e-4, [en, sw], {sw: 100}) in a recipe mapping."""
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} is not KEY=VALUE (e.g. train.steps=200 or data.langs=[en,sw]).")
-        *parents, leaf = key.split(".")
-        node = data
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part!r} is not a section.")
-        node[leaf] = yaml.safe_load(raw)
-    return data

@@ -12,7 +12,6 @@ multilingual text tower.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections import Counter
 from pathlib import Path
@@ -22,11 +21,15 @@ import torch
 import torch.nn.functional as F
 
 from .baselines import fit_ridge, pair_features, ridge_retrieval
-from .config import DataConfig, ModelConfig, TrainConfig, apply_overrides, read_mapping
+from ._io import write_json, write_text
+from .config import DataConfig
+from .data.resolve import resolve_data
+from .errors import ConfigError
 from .eval.retrieval import EmbeddedPairs, evaluate_retrieval, retrieval_by_lang
 from .model import DualEncoder
-from .plan import TuningPlan, apply_plan, budget
-from .training import resolve_data, train, warm_up_heads
+from .plan import apply_plan, budget
+from .recipe import Recipe
+from .training import train, warm_up_heads
 
 MODELS = ("untrained", "ridge", "heads", "trained")
 
@@ -42,13 +45,13 @@ def head_embeddings(model: DualEncoder, features: EmbeddedPairs) -> EmbeddedPair
 def run_demo(out_dir: Path, recipe: str | Path = "recipes/demo.yaml", overrides: Sequence[str] = ()) -> int:
     """Baselines, training and the before/after table on builtin:emoji-cldr; writes results, plot, checkpoint."""
     start = time.perf_counter()
-    spec = apply_overrides(read_mapping(recipe), [*overrides, f"train.output_dir={out_dir}"])
-    train_config = TrainConfig.from_dict(spec.get("train", {}), where=f"{recipe}:train")
-    data_config = DataConfig.from_dict(spec.get("data", {}), where=f"{recipe}:data")
-    eval_langs = spec.get("eval", {}).get("langs")
+    spec = Recipe.from_file(recipe, [*overrides, f"train.output_dir={out_dir}"])
+    if spec.plan is None:
+        raise ConfigError(f"{recipe}: the demo trains a fresh model; its recipe needs a 'plan:' section.")
+    train_config, data_config, eval_langs = spec.train, spec.data, spec.eval.langs
     torch.manual_seed(train_config.seed)
-    model = DualEncoder(ModelConfig.from_dict(spec.get("model", {}), where=f"{recipe}:model"))
-    apply_plan(model, TuningPlan.from_dict(spec["plan"], where=f"{recipe}:plan"))
+    model = DualEncoder(spec.model)
+    apply_plan(model, spec.plan)
     print(f"lilt demo: {model.vision.source} + {model.text.source}, plan {model.plan_state.plan.name!r}: "
           f"{budget(model).trainable:,} trainable parameters ({budget(model).percent:.2f}%)")
     train_data, val_data, _ = resolve_data(None, data_config, train_config.seed)
@@ -81,8 +84,8 @@ def run_demo(out_dir: Path, recipe: str | Path = "recipes/demo.yaml", overrides:
     table = format_table(results, counts)
     print("\nTest-split retrieval R@1 (%), over all test emoji of each language:\n" + table)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "demo_results.json").write_text(json.dumps({"train_pairs": counts, "results": results}, indent=1))
-    (out_dir / "demo_results.md").write_text(table + "\n")
+    write_json(out_dir / "demo_results.json", {"train_pairs": counts, "results": results})
+    write_text(out_dir / "demo_results.md", table + "\n")
     plot = plot_demo(results, run.history, out_dir / "demo.png")
     print(f"\nresults: {out_dir / 'demo_results.md'} (+ .json)\nplot:    {plot}\n"
           f"model:   {out_dir / 'model'}  (reload: lilt.DualEncoder.from_pretrained('{out_dir / 'model'}'))\n"

@@ -9,7 +9,6 @@ holding the vectors too. Images are embedded once each, however many captions th
 from __future__ import annotations
 
 import json
-import os
 import uuid
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -21,7 +20,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import ConfigError, DataError
+from ._io import atomic_path
+from .errors import ConfigError, DataError
 from .eval.retrieval import embed_pairs, image_keys
 
 
@@ -113,7 +113,6 @@ def _caption_kept(data: datasets.Dataset, embedded: Any) -> list[bool]:
 
 
 def _atomic(path: Path, write: Any) -> Path:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        write(str(tmp))
     return path

@@ -2,34 +2,24 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import __version__
-from .config import DEFAULT_TEXT, DEFAULT_VISION, ConfigError, ModelConfig, TextConfig, VisionConfig
-from .plan import PlanState, TuningPlan, apply_plan
-from .towers.packaged import sha256_file
+from . import checkpoint
+from .config import DEFAULT_TEXT, DEFAULT_VISION, ModelConfig, TextConfig, VisionConfig
+from .errors import BackboneMismatchError, DataError
+from .plan import PlanState
 from .towers.text import TextTower
 from .towers.vision import VisionTower
 
-CONFIG_NAME = "lilt_config.json"
-WEIGHTS_NAME = "model.safetensors"
-FORMAT = "lilt-dual-encoder"
-FORMAT_VERSION = 1
-
-
-class BackboneMismatchError(ValueError):
-    """A checkpoint is loaded onto backbone weights other than the ones it was trained on."""
+__all__ = ["BackboneMismatchError", "DualEncoder", "DualEncoderOutput"]
 
 
 @dataclass
@@ -98,8 +88,8 @@ class DualEncoder(nn.Module):
     def encode_image(self, pixel_values: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Embed a batch of preprocessed images (B, 3, H, W)."""
         if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
-            raise ValueError(f"encode_image expects a (batch, 3, height, width) tensor; got shape "
-                             f"{tuple(pixel_values.shape)}. Preprocess PIL images with model.image_transform().")
+            raise DataError(f"encode_image expects a (batch, 3, height, width) tensor; got shape "
+                            f"{tuple(pixel_values.shape)}. Preprocess PIL images with model.image_transform().")
         embeds = self.vision_proj(self.image_features(pixel_values))
         return F.normalize(embeds, dim=-1) if normalize else embeds
 
@@ -119,7 +109,7 @@ class DualEncoder(nn.Module):
         batch = self.tokenize(text) if isinstance(text, (str, list, tuple)) else dict(text)
         missing = {"input_ids", "attention_mask"} - set(batch)
         if missing:
-            raise ValueError(f"encode_text needs {sorted(missing)} in the tokenized batch; got {sorted(batch)}.")
+            raise DataError(f"encode_text needs {sorted(missing)} in the tokenized batch; got {sorted(batch)}.")
         embeds = self.text_proj(self.text_features(batch))
         return F.normalize(embeds, dim=-1) if normalize else embeds
 
@@ -164,103 +154,25 @@ class DualEncoder(nn.Module):
         return out
 
     def save_pretrained(self, path: str | Path) -> Path:
-        """Write model.safetensors (trainable/added tensors only) and lilt_config.json, each atomically."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.delta_state_dict().items()}
-        tmp = path / f".{WEIGHTS_NAME}.{os.getpid()}.tmp"
-        save_file(tensors, str(tmp), metadata={"format": "pt", "lilt_format": str(FORMAT_VERSION)})
-        _fsync(tmp)
-        manifest = {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "lilt_version": __version__,
-            "model": self.config.to_dict(),
-            "plan": self.plan_state.plan.to_dict() if self.plan_state else None,
-            "growth": self.growth,
-            "backbones": {name: {"name": tower.source, "sha256": tower.backbone_sha256}
-                          for name, tower in (("vision", self.vision), ("text", self.text))},
-            "text_conventions": {"pooling": self.text.pooling, "prefix": self.text.prefix,
-                                 "max_length": self.text.max_length},
-            "weights": {"file": WEIGHTS_NAME, "sha256": sha256_file(tmp), "tensors": len(tensors),
-                        "bytes": tmp.stat().st_size},
-        }
-        # Weights first, config last: the config names the weights' hash, so a save cut off between
-        # the two is detected at load time instead of silently pairing old config and new weights.
-        os.replace(tmp, path / WEIGHTS_NAME)
-        config_tmp = path / f".{CONFIG_NAME}.{os.getpid()}.tmp"
-        config_tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        _fsync(config_tmp)
-        os.replace(config_tmp, path / CONFIG_NAME)
-        return path
+        """Write model.safetensors (trainable/added tensors only) and lilt_config.json; the old folder survives
+        any failure (the new one is built aside and swapped in)."""
+        return checkpoint.write_model(self, path)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, vision: str | None = None, text: str | None = None,
                         check_backbones: bool = True) -> "DualEncoder":
-        """Rebuild backbones, re-apply the plan and load the trained tensors (strict key check).
+        """Rebuild backbones, re-apply the plan and growth, and load the trained tensors (strict key check).
 
-        `vision`/`text` point at moved backbones; `check_backbones=False` accepts backbone weights
-        whose hash differs from the ones the checkpoint was trained on.
+        Every hash is checked first: the weights against the config, the config against the weights, and
+        the backbones' weights against the ones the model was trained on (`check_backbones=False` accepts
+        other ones). `vision`/`text` point at moved backbones. Nothing in the folder can run code.
         """
-        path = Path(path)
-        manifest = read_manifest(path)
-        model_dict = manifest["model"]
-        if vision is not None:
-            model_dict["vision"]["name"] = vision
-        if text is not None:
-            model_dict["text"]["name"] = text
-        model = cls(ModelConfig.from_dict(model_dict, where=f"{path / CONFIG_NAME}:model"))
-        for name in ("vision", "text"):
-            expected = manifest["backbones"][name]["sha256"]
-            actual = getattr(model, name).backbone_sha256
-            if actual != expected and check_backbones:
-                raise BackboneMismatchError(
-                    f"the {name} backbone {getattr(model, name).source!r} has weights sha256 {actual[:16]}..., but "
-                    f"{path} was trained on {manifest['backbones'][name]['name']!r} with sha256 {expected[:16]}.... "
-                    "Point at the right backbone, or pass check_backbones=False to load anyway.")
-        if manifest["plan"] is not None:
-            apply_plan(model, TuningPlan.from_dict(manifest["plan"], where=f"{path / CONFIG_NAME}:plan"))
-        if manifest.get("growth"):  # rebuild the grown architecture; the saved tensors then fill it
-            from .growth import replay_growth
-            replay_growth(model, manifest["growth"])
-        model.load_delta(path / WEIGHTS_NAME, manifest["weights"]["sha256"])
-        return model
+        return checkpoint.load_model(cls, path, vision=vision, text=text, check_backbones=check_backbones)
 
-    def load_delta(self, file: Path, sha256: str | None = None) -> None:
-        """Load a trainable-only safetensors file, refusing missing or unexpected tensors."""
-        if not file.is_file():
-            raise FileNotFoundError(f"{file} is missing; the checkpoint is incomplete.")
-        if sha256 is not None and sha256_file(file) != sha256:
-            raise ConfigError(f"{file} does not match the sha256 recorded in {CONFIG_NAME} (a save was interrupted, "
-                              "or the file was changed). Save the checkpoint again.")
-        tensors = load_file(str(file))
-        expected = set(self.delta_state_dict())
-        missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-        if missing or unexpected:
-            raise ConfigError(f"{file} does not fit this model: missing {_first(missing)}, unexpected "
-                              f"{_first(unexpected)}. Was it saved with another plan or backbone?")
-        self.load_state_dict(tensors, strict=False)
-
-
-def read_manifest(path: Path) -> dict[str, Any]:
-    """Read and check a checkpoint's lilt_config.json."""
-    file = path / CONFIG_NAME
-    if not file.is_file():
-        raise FileNotFoundError(f"no {CONFIG_NAME} in {str(path)!r}; is it a lilt checkpoint directory "
-                                "(written by DualEncoder.save_pretrained)?")
-    manifest = json.loads(file.read_text(encoding="utf-8"))
-    if manifest.get("format") != FORMAT or manifest.get("format_version", 0) > FORMAT_VERSION:
-        raise ConfigError(f"{file} is format {manifest.get('format')!r} v{manifest.get('format_version')}; this "
-                          f"lilt ({__version__}) reads {FORMAT!r} up to v{FORMAT_VERSION}.")
-    return manifest
-
-
-def _first(names: list[str], n: int = 8) -> str:
-    return str(names[:n])[:-1] + (", ...]" if len(names) > n else "]")
+    def load_delta(self, file: str | Path) -> None:
+        """Load a trainable-only safetensors file, refusing missing, unexpected or misshapen tensors."""
+        checkpoint.load_delta(self, Path(file))
 
 
 def _is_bn_stat(key: str) -> bool:
     return key.endswith(("running_mean", "running_var", "num_batches_tracked"))
-
-
-def _fsync(file: Path) -> None:
-    with open(file, "rb+") as handle:
-        os.fsync(handle.fileno())

@@ -1,71 +1,28 @@
-"""TuningPlan: ordered rules deciding which parameters train, applied with full attribution.
+"""TuningPlan applied: ordered rules deciding which parameters train, with full attribution and a budget.
 
-A rule names a tower (`vision`, `text`, `both`), a registered method, the layers it covers and
-the method's options. `apply_plan` freezes everything, then applies the rules in order; a rule
-that matches nothing is an error. Afterwards every parameter is attributed to the rule that
-last decided it, or to "frozen" (or to "heads", which always train).
+A plan (`lilt.recipe.TuningPlan`, re-exported here) is data; this module applies it. A rule names
+a tower (`vision`, `text`, `both`), a registered method, the layers it covers and the method's
+options. `apply_plan` freezes everything, then applies the rules in order; a rule that matches
+nothing is an error. Afterwards every parameter is attributed to the rule that last decided it,
+or to "frozen" (or to "heads", which always train).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from torch import nn
-
-from .config import ConfigBase, ConfigError, knob, read_mapping
+from .errors import ConfigError
+from .growth.ops import GrowthOp
 from .methods import get_method, select
+from .recipe import Rule, TuningPlan
 
-RECIPE_SECTIONS = ("plan", "model", "train", "data", "eval", "growth")
+__all__ = ["Budget", "PlanState", "Rule", "RuleMatchError", "TuningPlan", "apply_plan", "budget"]
 
 
 class RuleMatchError(ConfigError):
     """A plan rule matched no parameter."""
-
-
-@dataclass
-class Rule(ConfigBase):
-    """One step of a plan: apply `method` to `layers` of `tower` with `options`."""
-
-    tower: Literal["vision", "text", "both"] = knob(help="which tower the rule applies to")
-    method: str = knob(help="a registered tuning method: lock, layernorm, bitfit, adapter, lora, ia3, "
-                       "unlock, deep")
-    layers: str = knob("all", "'all', 'top:K', 'bottom:K', 'blocks.I-J' (commas allowed) or a parameter-name glob")
-    options: dict = knob({}, "the method's options (see `lilt info --methods`)")
-
-    def validate(self) -> None:
-        spec = get_method(self.method)
-        self.parsed_options = spec.options.from_dict(self.options, where=f"{self.method} options")
-
-    def label(self, index: int) -> str:
-        """A short human name: 'rule 1 (both/adapter, layers=all)'."""
-        return f"rule {index + 1} ({self.tower}/{self.method}, layers={self.layers})"
-
-
-@dataclass
-class TuningPlan(ConfigBase):
-    """An ordered list of rules, with a name for reports."""
-
-    rules: list[Rule] = knob([], "the rules, applied in order")
-    name: str = knob("", "a short name for reports (e.g. 'lwa')")
-    description: str = knob("", "one line on what the plan is")
-    frozen_heads: list[Literal["vision", "text"]] = knob(
-        [], "projection heads that stay frozen (a text-tower swap keeps the trained vision head)")
-
-    @classmethod
-    def from_recipe(cls, path: str | Path) -> "TuningPlan":
-        """Load the `plan:` section of a YAML/JSON recipe."""
-        data = read_mapping(path)
-        unknown = [k for k in data if k not in RECIPE_SECTIONS]
-        if unknown:
-            raise ConfigError(f"{path}: unknown recipe section(s) {unknown}; sections are {list(RECIPE_SECTIONS)}.")
-        if "plan" not in data:
-            raise ConfigError(f"{path}: no 'plan:' section; a recipe needs one (a list of rules under plan.rules).")
-        plan = cls.from_dict(data["plan"], where=f"{path}:plan")
-        if not plan.name:
-            plan.name = Path(path).stem
-        return plan
 
 
 @dataclass
@@ -107,8 +64,8 @@ def apply_plan(model: Any, plan: TuningPlan | str | Path) -> PlanState:
     if getattr(model, "plan_state", None) is not None:
         raise ConfigError("this model already has a plan applied; build a fresh model to apply another.")
     model.requires_grad_(False)
-    owner: dict[nn.Parameter, int | None] = {}
-    tuned: set[nn.Parameter] = set()
+    owner: dict[Any, int | None] = {}
+    tuned: set[Any] = set()
     for index, rule in enumerate(plan.rules):
         spec = get_method(rule.method)
         for tower_name, tower in _towers(model, rule.tower):
@@ -184,8 +141,6 @@ def budget(model: Any) -> Budget:
     if getattr(model, "shared_encoder", None) is not None:
         towers["shared"] = [0, 0]
     per_rule = [0] * len(rules)
-    from .growth import GrowthOp  # growth builds on the methods; imported here, where a budget needs it
-
     history = getattr(model, "growth", [])
     per_op = [0] * len(history)
     heads = unplanned = 0

@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from .config import ConfigError, ModelConfig, TextConfig
+from .config import ModelConfig, TextConfig
+from .errors import ConfigError
 from .model import DualEncoder
 from .plan import Rule, TuningPlan, apply_plan
 

@@ -63,7 +63,7 @@ def test_tampered_or_torn_delta_is_detected(saved):
     data = bytearray((path / "model.safetensors").read_bytes())
     data[-1] ^= 0xFF
     (path / "model.safetensors").write_bytes(bytes(data))
-    with pytest.raises(lilt.ConfigError, match="does not match the sha256"):
+    with pytest.raises(lilt.CheckpointError, match="does not match the sha256"):
         lilt.DualEncoder.from_pretrained(path)
 
 
@@ -71,15 +71,15 @@ def test_delta_with_wrong_keys_is_refused(saved, make_model):
     _, path = saved
     model = make_model("vit")
     lilt.apply_plan(model, lilt.TuningPlan([{"tower": "both", "method": "layernorm"}]))
-    with pytest.raises(lilt.ConfigError, match="unexpected.*lilt_adapter"):
+    with pytest.raises(lilt.CheckpointError, match="unexpected.*lilt_adapter"):
         model.load_delta(path / "model.safetensors")
 
 
 def test_not_a_checkpoint(tmp_path):
-    with pytest.raises(FileNotFoundError, match="lilt_config.json"):
+    with pytest.raises(lilt.CheckpointError, match="lilt_config.json"):
         lilt.DualEncoder.from_pretrained(tmp_path)
     (tmp_path / "lilt_config.json").write_text(json.dumps({"format": "lilt-dual-encoder", "format_version": 99}))
-    with pytest.raises(lilt.ConfigError, match="v99"):
+    with pytest.raises(lilt.CheckpointError, match="v99"):
         lilt.DualEncoder.from_pretrained(tmp_path)
 
 

@@ -26,11 +26,11 @@ def test_yaml_section(tmp_path):
 @pytest.mark.parametrize("data,message", [
     ({"embed_dims": 3}, "unknown key 'embed_dims'.*Did you mean 'embed_dim'"),
     ({"embed_dim": "big"}, "embed_dim: expected int, got 'big'"),
-    ({"embed_dim": 0}, "embed_dim=0 must be positive"),
+    ({"embed_dim": 0}, r"embed_dim=0 must be in \[1, 65536\]"),
     ({"text": {"pooling": "max"}}, r"text.pooling: 'max' is not one of \['auto', 'cls', 'mean'\]"),
     ({"init_temperature": 0.9}, "min_temperature <= init_temperature <= max_temperature"),
     ({"vision": {"name": ""}}, "VisionConfig.name is empty"),
-    ({"text": {"max_length": 1}}, "max_length=1 must be >= 2"),
+    ({"text": {"max_length": 1}}, r"max_length=1 must be in \[2, 8192\]"),
 ])
 def test_bad_values_name_the_value_and_the_fix(data, message):
     with pytest.raises(ConfigError, match=message):

@@ -11,7 +11,7 @@ import torch
 import lilt
 from lilt.data import emoji_cldr
 from lilt.data.emoji_cldr import APT_HINT
-from lilt.training import resolve_data
+from lilt.data.resolve import resolve_data
 
 pytestmark = pytest.mark.skipif(
     not (Path(emoji_cldr.FONT_PATH).exists() and Path(emoji_cldr.CLDR_DIR).exists()),

@@ -15,7 +15,8 @@ import yaml
 import lilt
 from lilt.config import ConfigError, DataConfig, TrainConfig
 from lilt.growth import grow_, migrate_optimizer_state
-from lilt.training import continued_scheduler, lr_lambda, make_optimizer, train
+from lilt.optim import lr_lambda, make_optimizer, scheduler_at
+from lilt.training import train
 from conftest import clip_loss, embeddings, sample_batch
 from test_train import NO_DROPOUT, LWA, REPO, lilt_train, losses, max_difference, recipe, weights  # noqa: F401
 
@@ -90,7 +91,7 @@ def test_optimizer_state_migrates_and_the_schedule_continues(make_model) -> None
         untouched = next(n for n in before if n == "logit_scale")
         assert torch.equal(new.state[params[untouched]]["exp_avg_sq"], before[untouched]["exp_avg_sq"])
         assert not any(params[n] in new.state for n in result.added)  # new blocks start AdamW from scratch
-        resumed = continued_scheduler(new, config, 3)
+        resumed = scheduler_at(new, config, 3)
         assert resumed.get_last_lr() == pytest.approx(scheduler.get_last_lr())
 
 

@@ -17,7 +17,8 @@ import torch
 
 from lilt.towers import packaged
 from lilt.towers._e5s1 import dequantize_q4_0
-from lilt.towers.packaged import MANIFEST, PACKAGED, is_packaged, packaged_info, packaged_path, sha256_file
+from lilt._io import sha256_file
+from lilt.towers.packaged import MANIFEST, PACKAGED, is_packaged, packaged_info, packaged_path
 
 REPO = Path(__file__).resolve().parents[1]
 LOGGER = "lilt.towers.packaged"

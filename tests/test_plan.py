@@ -128,7 +128,7 @@ def test_every_recipe_loads_and_round_trips(tmp_path):
 def test_recipe_errors_are_clear(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("plna:\n  rules: []\n")
-    with pytest.raises(lilt.ConfigError, match="unknown recipe section"):
+    with pytest.raises(lilt.ConfigError, match="unknown section .plna.. Did you mean .plan."):
         lilt.TuningPlan.from_recipe(bad)
     bad.write_text("plan:\n  rules:\n    - {tower: both, method: adapter, options: {reduction_factor: four}}\n")
     with pytest.raises(lilt.ConfigError, match="reduction_factor: expected int, got 'four'"):

@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 import lilt
 from lilt.config import DataConfig, DataError, TrainConfig
 from lilt.losses import clip_loss
-from lilt.training import grad_cache_backward, train
+from lilt.gradcache import grad_cache_backward
+from lilt.training import train
 from test_data import write_imagefolder
 
 REPO = Path(__file__).resolve().parents[1]

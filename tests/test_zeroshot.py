@@ -252,7 +252,7 @@ needs_emoji = pytest.mark.skipif(
 @needs_emoji
 def test_emoji_zeroshot_labels_and_names_are_aligned(tmp_path_factory: pytest.TempPathFactory,
                                                      caplog: pytest.LogCaptureFixture) -> None:
-    from lilt.towers.packaged import lilt_home
+    from lilt._io import lilt_home
 
     # Reuse the data `make demo` built when there is one (instant); else build a private copy (about 5 s).
     built = lilt_home() / "data" / f"emoji-cldr-v{emoji_cldr.VERSION}"

@@ -22,7 +22,9 @@ import datasets
 import numpy as np
 from filelock import FileLock
 
-from ..config import DataError, close_matches
+from .._io import lilt_home
+from ..errors import DataError, close_matches
+from .selection import capped_rows
 
 FONT_PATH = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
 CLDR_DIR = "/usr/share/unicode/cldr/common/annotations"
@@ -37,8 +39,6 @@ class MissingSystemData(DataError):
 
 def emoji_cldr_root(cache_dir: str | os.PathLike | None = None) -> Path:
     """Build (once, cached, safe against concurrent builds) and return the folder of the emoji-cldr set."""
-    from ..towers.packaged import lilt_home
-
     root = Path(cache_dir) if cache_dir else lilt_home() / "data" / f"emoji-cldr-v{VERSION}"
     if (root / "meta.json").is_file():
         return root
@@ -188,8 +188,7 @@ def _load(root: Path, split: str | None, langs: Sequence[str] | None, pairs_per_
     if split is not None:
         table = table.select(np.flatnonzero(np.asarray(splits) == split))
     if split == "train" and pairs_per_lang is not None:
-        from .sources import _capped_rows
-        table = table.select(_capped_rows(np.asarray(table["lang"]), pairs_per_lang, seed))
+        table = table.select(capped_rows(np.asarray(table["lang"]), pairs_per_lang, seed))
     return _as_pairs(table, root, keywords, keep_split=split is None)
 
 

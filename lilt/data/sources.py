@@ -14,14 +14,18 @@ Images stay undecoded (`Image(decode=False)` or a path) until the collate functi
 from __future__ import annotations
 
 import glob
+import json
 import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import datasets
-import numpy as np
+import pyarrow as pa
 
-from ..config import DataError, did_you_mean
+from ..errors import DataError, did_you_mean
+from .emoji_cldr import load_emoji_cldr
+from .selection import select_pairs
+from .tiny import load_tiny_random
 
 BUILTINS = ("emoji-cldr", "tiny-random")
 SPLITS = ("train", "validation", "test")
@@ -33,8 +37,13 @@ _WDS_TEXT_KEYS = ("txt", "text", "caption")
 def load_pairs(spec: str | os.PathLike, split: str = "train", *, image_column: str = "image",
                text_column: str = "text", lang_column: str = "lang", langs: Sequence[str] | None = None,
                pairs_per_lang: int | Mapping[str, int] | None = None, max_pairs: int | None = None,
-               streaming: bool = False, seed: int = 0, **options: Any) -> datasets.Dataset | datasets.IterableDataset:
-    """Image-caption pairs from a spec, as a Dataset (IterableDataset when streaming) with image/text[/lang]."""
+               streaming: bool = False, seed: int = 0, allow_outside_root: bool = False,
+               **options: Any) -> datasets.Dataset | datasets.IterableDataset:
+    """Image-caption pairs from a spec, as a Dataset (IterableDataset when streaming) with image/text[/lang].
+
+    A table's image paths are read relative to the table's folder and must stay inside it (no '../', no
+    absolute paths elsewhere) unless `allow_outside_root`: a table cannot make lilt open arbitrary files.
+    """
     spec = str(spec)
     if spec.startswith("builtin:"):
         name, _, spec_split = spec[len("builtin:"):].partition(":")
@@ -42,8 +51,8 @@ def load_pairs(spec: str | os.PathLike, split: str = "train", *, image_column: s
                         max_pairs=max_pairs, seed=seed, **options)
     if options:
         raise DataError(f"options {sorted(options)} only apply to builtin sources; {spec!r} is not one.")
-    data = _read(spec, split, streaming)
-    data = _rename(data, spec, {image_column: "image", text_column: "text", lang_column: "lang"})
+    data = _read(spec, split, streaming, allow_outside_root)
+    data = _rename(data, spec, {image_column: "image", text_column: "text", lang_column: "lang"}, allow_outside_root)
     return select_pairs(data, langs=langs, pairs_per_lang=pairs_per_lang if split == "train" else None,
                         max_pairs=max_pairs, seed=seed)
 
@@ -103,48 +112,13 @@ def _encode_labels(data: datasets.Dataset, names: Sequence[str] | None, spec: st
     return data.cast_column("label", datasets.ClassLabel(names=label_names))
 
 
-def select_pairs(data: datasets.Dataset | datasets.IterableDataset, *, langs: Sequence[str] | None = None,
-                 pairs_per_lang: int | Mapping[str, int] | None = None, max_pairs: int | None = None,
-                 seed: int = 0) -> datasets.Dataset | datasets.IterableDataset:
-    """Keep the given languages, at most `pairs_per_lang` rows of each (seeded), at most `max_pairs` rows."""
-    if (langs or pairs_per_lang) and "lang" not in data.column_names:
-        raise DataError(f"langs/pairs_per_lang need a language column; this source has {data.column_names}. "
-                        "Name it with lang_column=...")
-    if langs:
-        wanted = set(langs)
-        data = data.filter(lambda batch: [x in wanted for x in batch["lang"]], batched=True)
-    if pairs_per_lang is not None:
-        if isinstance(data, datasets.IterableDataset):
-            raise DataError("pairs_per_lang needs a map-style dataset; it cannot cap a streamed source.")
-        data = data.select(_capped_rows(np.asarray(data["lang"]), pairs_per_lang, seed))
-    if max_pairs is not None:
-        data = data.take(max_pairs) if isinstance(data, datasets.IterableDataset) else \
-            data.select(range(min(max_pairs, len(data))))
-    return data
-
-
-def _capped_rows(langs: np.ndarray, caps: int | Mapping[str, int], seed: int) -> list[int]:
-    """Row indices keeping at most caps[lang] rows per language, chosen by a seeded permutation."""
-    order = np.random.default_rng(seed).permutation(len(langs))
-    keep = np.ones(len(langs), dtype=bool)
-    for lang in np.unique(langs):
-        cap = caps if isinstance(caps, int) else caps.get(str(lang))
-        if cap is None:
-            continue
-        rows = order[langs[order] == lang]
-        keep[rows[cap:]] = False
-    return np.flatnonzero(keep).tolist()
-
-
 def _builtin(name: str, split: str, *, langs: Sequence[str] | None, pairs_per_lang: Any, max_pairs: int | None,
              seed: int, **options: Any) -> datasets.Dataset:
     if name == "emoji-cldr":
-        from .emoji_cldr import load_emoji_cldr
         caps = pairs_per_lang if split == "train" else None
         data = load_emoji_cldr(split=split, langs=langs, pairs_per_lang=caps, seed=seed, **options)
         return select_pairs(data, max_pairs=max_pairs)
     if name == "tiny-random":
-        from .tiny import load_tiny_random
         data = load_tiny_random(split=split, seed=seed, **options)
         return select_pairs(data, langs=langs, pairs_per_lang=pairs_per_lang if split == "train" else None,
                             max_pairs=max_pairs, seed=seed)
@@ -152,7 +126,8 @@ def _builtin(name: str, split: str, *, langs: Sequence[str] | None, pairs_per_la
                     f"{', '.join('builtin:' + b for b in BUILTINS)}.{did_you_mean(name, BUILTINS)}")
 
 
-def _read(spec: str, split: str, streaming: bool) -> datasets.Dataset | datasets.IterableDataset:
+def _read(spec: str, split: str, streaming: bool,
+          allow_outside_root: bool = False) -> datasets.Dataset | datasets.IterableDataset:
     path = Path(spec)
     shards = _shards(spec)
     if shards:
@@ -164,18 +139,37 @@ def _read(spec: str, split: str, streaming: bool) -> datasets.Dataset | datasets
         return data.to_iterable_dataset() if streaming else data
     if path.is_dir() and any((path / f"metadata.{ext}").exists() for ext in ("jsonl", "csv", "parquet")):
         data = datasets.load_dataset("imagefolder", data_dir=str(path), streaming=streaming)
-        data = _pick_split(data, split, spec)
-        return data.cast_column("image", datasets.Image(decode=False))
+        data = _pick_split(data, split, spec).cast_column("image", datasets.Image(decode=False))
+        # metadata's file_name may say '../x.png' too: the same containment as a table's paths
+        return data.map(_TablePaths(path, allow_outside_root, spec), batched=True, with_indices=True)
     if path.is_file() and path.suffix.lower() in _TABLE_FORMATS:
-        kind = _TABLE_FORMATS[path.suffix.lower()]
-        extra = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
-        data = datasets.load_dataset(kind, data_files=str(path), split="train", streaming=streaming, **extra)
-        return data  # relative image paths are resolved once the column has its final name (_rename)
+        return _read_table(path, streaming)  # relative image paths are resolved once named `image` (_rename)
     if path.exists() or spec.startswith((".", "/", "~")):
         raise DataError(f"cannot read pairs from {spec!r}: expected a folder with metadata.jsonl/csv, a folder "
                         "written by save_to_disk, a .csv/.tsv/.jsonl/.parquet file, or webdataset .tar shards.")
     data = datasets.load_dataset(spec, streaming=streaming)  # a hub dataset, for users who have a hub
     return _pick_split(data, split, spec)
+
+
+def _read_table(path: Path, streaming: bool) -> datasets.Dataset | datasets.IterableDataset:
+    """A CSV/TSV/JSON(L)/Parquet table; text that is not UTF-8 is kept with U+FFFD (a counted bad caption)."""
+    kind = _TABLE_FORMATS[path.suffix.lower()]
+    extra: dict[str, Any] = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
+    if kind in ("csv", "json"):
+        extra["encoding_errors"] = "replace"
+    try:
+        return datasets.load_dataset(kind, data_files=str(path), split="train", streaming=streaming, **extra)
+    except (UnicodeDecodeError, datasets.exceptions.DatasetGenerationError) as err:
+        if kind != "json" or streaming:
+            raise DataError(f"cannot read the table {str(path)!r}: {err.__cause__ or err}") from None
+    # pyarrow's JSON reader stops at the first byte that is not UTF-8; read it line by line instead.
+    text = path.read_bytes().decode("utf-8", errors="replace")
+    try:
+        rows = json.loads(text) if path.suffix.lower() == ".json" else \
+            [json.loads(line) for line in text.splitlines() if line.strip()]
+        return datasets.Dataset.from_list(rows)
+    except (json.JSONDecodeError, TypeError, ValueError, pa.ArrowException) as err:
+        raise DataError(f"cannot read the table {str(path)!r}: {err}") from None
 
 
 def _shards(spec: str) -> list[str]:
@@ -212,17 +206,29 @@ def _from_webdataset(data: datasets.IterableDataset, spec: str) -> datasets.Iter
 
 
 class _TablePaths:
-    """Resolve image paths in a table relative to the table's own folder (picklable for datasets.map)."""
+    """Resolve a table's image paths against its own folder, refusing any outside it (picklable for datasets.map)."""
 
-    def __init__(self, base: Path) -> None:
-        self.base = str(base)
+    def __init__(self, base: Path, allow_outside: bool, spec: str) -> None:
+        self.base, self.allow_outside, self.spec = os.path.realpath(base), allow_outside, spec
 
-    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        batch["image"] = [p if p is None or os.path.isabs(p) else os.path.join(self.base, p) for p in batch["image"]]
+    def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        paths = []
+        for row, value in zip(indices, batch["image"]):
+            path = value.get("path") if isinstance(value, dict) else value
+            if not isinstance(path, str) or not path:
+                paths.append(value)
+                continue
+            full = os.path.realpath(os.path.join(self.base, path))  # an absolute `path` replaces the base
+            if not self.allow_outside and os.path.commonpath([full, self.base]) != self.base:
+                raise DataError(f"{self.spec!r} row {row}: image {path!r} lies outside the table's folder "
+                                f"{self.base}; move the images under it, or set data.allow_outside_root: true if "
+                                "you trust the table.")
+            paths.append({**value, "path": full} if isinstance(value, dict) else full)
+        batch["image"] = paths
         return batch
 
 
-def _rename(data: Any, spec: str, names: dict[str, str]) -> Any:
+def _rename(data: Any, spec: str, names: dict[str, str], allow_outside_root: bool = False) -> Any:
     columns = list(data.column_names or [])
     for source, target in names.items():
         if source == target or source not in columns:
@@ -234,5 +240,6 @@ def _rename(data: Any, spec: str, names: dict[str, str]) -> Any:
             raise DataError(f"{spec!r} has no {needed} column (columns: {columns}); name yours with "
                             f"{flag}=....{did_you_mean(needed, columns)}")
     if Path(spec).is_file() and Path(spec).suffix.lower() in _TABLE_FORMATS:
-        data = data.map(_TablePaths(Path(spec).resolve().parent), batched=True)
+        data = data.map(_TablePaths(Path(spec).resolve().parent, allow_outside_root, spec), batched=True,
+                        with_indices=True)
     return data.select_columns([c for c in ("image", "text", "lang") if c in columns])

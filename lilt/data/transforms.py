@@ -91,6 +91,9 @@ class PairCollator:
             if self.tokenize is not None and (not isinstance(text, str) or not text.strip()):
                 bad.append(f"{describe(item.get(self.image_column), row)} (empty caption)")
                 continue
+            if self.tokenize is not None and "\ufffd" in text:  # how a table reader keeps bytes that are not UTF-8
+                bad.append(f"{describe(item.get(self.image_column), row)} (caption is not valid UTF-8)")
+                continue
             try:
                 image = decode_image(item.get(self.image_column))
                 with _seeded(self.seed, item.get("__epoch__", 0), row):

@@ -13,7 +13,7 @@ import datasets
 import numpy as np
 import torch
 
-from ..config import ConfigError, DataError
+from ..errors import ConfigError, DataError
 from .zeroshot import embed_images, topk_hits
 
 logger = logging.getLogger(__name__)

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import uuid
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
+
+from .._io import atomic_path, write_text
 
 # Default table columns, in this order, among those the rows have (retrieval, then classification).
 # Counts close the row: a language with 2 test images has a much easier R@1 than one with 463.
@@ -87,26 +86,9 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str] | N
     return "\n".join(lines) + "\n"
 
 
-@contextmanager
-def _atomic(path: Path) -> Iterator[Path]:
-    """A temporary path in `path`'s folder that replaces `path` once written, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A unique name rather than mkstemp, whose 0600 mode would carry over to the report; plain open honours umask.
-    tmp = path.parent / f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}"
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _write_text(path: Path, text: str) -> Path:
     """Write text atomically."""
-    with _atomic(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    return Path(path)
+    return write_text(path, text)
 
 
 def _pyplot():
@@ -121,7 +103,7 @@ def _pyplot():
 
 def _save(fig: Any, path: Path) -> Path:
     """Save a figure atomically as PNG and close it."""
-    with _atomic(path) as tmp:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     _pyplot().close(fig)
     return Path(path)

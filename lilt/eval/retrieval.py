@@ -19,7 +19,7 @@ import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
-from ..config import DataError
+from ..errors import DataError
 from ..data.loader import pair_loader
 from ..data.transforms import PairCollator
 

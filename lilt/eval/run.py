@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-from ..config import ConfigError
+from ..errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

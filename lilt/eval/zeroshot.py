@@ -16,7 +16,8 @@ import datasets
 import torch
 import torch.nn.functional as F
 
-from ..config import ConfigError, DataError, read_mapping
+from ..configbase import read_mapping
+from ..errors import ConfigError, DataError
 from ..data.loader import pair_loader
 from ..data.transforms import PairCollator
 from .retrieval import TIE_TOL, hit_chance

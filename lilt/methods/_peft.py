@@ -11,7 +11,7 @@ from torch import nn
 
 from ..towers.base import Tower
 from .base import MethodResult, Selection, block_module_names, block_targets
-from ..config import ConfigError
+from ..errors import ConfigError
 
 # Module types peft's LoRA and IA3 can wrap (a module an earlier rule wrapped can take another adapter).
 PEFT_TYPES = (nn.Linear, nn.Conv2d, BaseTunerLayer)

@@ -18,12 +18,11 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..config import ConfigBase, ConfigError, knob
+from ..configbase import ConfigBase, knob
+from ..errors import ConfigError
+from ..layers import Bottleneck, GatedBlock
 from ..towers.base import Tower
 from .base import MethodResult, Selection, register_method
-from .deep import GatedBlock
-
-_ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
 
 
 @dataclass
@@ -41,26 +40,6 @@ class AdapterOptions(ConfigBase):
     def validate(self) -> None:
         if self.reduction_factor < 1:
             raise ConfigError(f"adapter reduction_factor={self.reduction_factor} must be >= 1.")
-
-
-class Bottleneck(nn.Module):
-    """s * up(act(down(x))) on the last dim (tokens) or on channels with 1x1 convs (images)."""
-
-    def __init__(self, dim: int, options: AdapterOptions, conv: bool = False) -> None:
-        super().__init__()
-        hidden = max(1, dim // options.reduction_factor)
-        layer = (lambda i, o: nn.Conv2d(i, o, kernel_size=1)) if conv else nn.Linear
-        self.down = layer(dim, hidden)
-        self.act = _ACTIVATIONS[options.activation]()
-        self.up = layer(hidden, dim)
-        self.scale = options.scale
-        if options.zero_init:
-            nn.init.zeros_(self.up.weight)
-            nn.init.zeros_(self.up.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The adapter's contribution, to be added to a residual stream."""
-        return self.scale * self.up(self.act(self.down(x)))
 
 
 # Hooks are plain functions reading `module.lilt_adapter`, so deep copies carry working adapters.
@@ -141,7 +120,9 @@ def apply_adapter(tower: Tower, selection: Selection, options: AdapterOptions, t
         block = block.block if isinstance(block, GatedBlock) else block  # an appended BERT layer behind its gate
         for path in sites.values():
             module: Any = block.get_submodule(path) if path else _last_leaf_block(block)
-            adapter = Bottleneck(tower.block_channels(index), options, conv=tower.block_kind == "cnn")
+            dim = tower.block_channels(index)
+            adapter = Bottleneck(dim, max(1, dim // options.reduction_factor), options.activation, options.scale,
+                                 options.zero_init, conv=tower.block_kind == "cnn")
             reference = next(block.parameters())
             adapter.to(device=reference.device, dtype=reference.dtype)
             _attach(module, adapter, tower.block_kind, options.placement)

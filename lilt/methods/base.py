@@ -9,7 +9,8 @@ from typing import Callable, Iterator
 
 from torch import nn
 
-from ..config import ConfigBase, ConfigError, close_matches, did_you_mean
+from ..configbase import ConfigBase
+from ..errors import ConfigError, close_matches, did_you_mean
 from ..towers.base import Tower
 
 
@@ -106,6 +107,19 @@ def _parse_indices(text: str, count: int, spec: str, tower: Tower) -> list[int]:
     return sorted(set(indices))
 
 
+_LAYERS_HELP = ("Use 'all', 'top:K', 'bottom:K', 'blocks.I', 'blocks.I-J' (comma-separated ranges allowed) or a "
+                "parameter-name glob such as 'blocks.*.attn.*'.")
+
+
+def check_layers(spec: str) -> None:
+    """Refuse a `layers` spec that no tower could understand (before any tower is built)."""
+    if spec == "all" or _TOP.match(spec) or _BLOCKS.match(spec) or any(c in spec for c in "*?[") or "." in spec:
+        if (m := _TOP.match(spec)) and int(m.group(2)) < 1:
+            raise ConfigError(f"layers={spec!r}: K must be >= 1.")
+        return
+    raise ConfigError(f"layers={spec!r} is not understood. {_LAYERS_HELP}")
+
+
 def select(tower: Tower, spec: str) -> Selection:
     """Parse a `layers` spec ('all', 'top:K', 'bottom:K', 'blocks.8-11', or a glob) for one tower."""
     count = tower.num_blocks
@@ -134,9 +148,7 @@ def select(tower: Tower, spec: str) -> Selection:
         sel.blocks = [i for i, b in enumerate(names) if any(h.startswith(b + ".") for h in hits)]
         return sel
     else:
-        raise ConfigError(f"layers={spec!r} is not understood. Use 'all', 'top:K', 'bottom:K', "
-                          "'blocks.I', 'blocks.I-J' (comma-separated ranges allowed) or a parameter-name glob "
-                          "such as 'blocks.*.attn.*'.")
+        raise ConfigError(f"layers={spec!r} is not understood. {_LAYERS_HELP}")
     return Selection(spec, idx, prefixes=tuple(names[i] for i in idx))
 
 

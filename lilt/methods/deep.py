@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ..config import ConfigBase, ConfigError, knob
+from ..configbase import ConfigBase, knob
+from ..errors import ConfigError
+from ..layers import GatedBlock, new_cnn_block, zero_
 from ..towers.base import Tower
 from .base import MethodResult, Selection, register_method
 
@@ -36,20 +38,6 @@ class DeepOptions(ConfigBase):
             raise ConfigError(f"deep num_blocks={self.num_blocks} must be >= 1.")
 
 
-class GatedBlock(nn.Module):
-    """x + gate * (block(x) - x): any shape-preserving block that starts as the identity."""
-
-    def __init__(self, block: nn.Module) -> None:
-        super().__init__()
-        self.block = block
-        self.gate = nn.Parameter(torch.zeros(()))
-
-    def forward(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        out = self.block(hidden, *args, **kwargs)
-        out = out[0] if isinstance(out, tuple) else out
-        return hidden + self.gate * (out - hidden)
-
-
 def _reinit(module: nn.Module) -> None:
     # BERT/ViT-style init: N(0, 0.02) weights, zero biases, unit norms.
     for m in module.modules():
@@ -62,26 +50,10 @@ def _reinit(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-def _zero(linear: nn.Module) -> None:
-    nn.init.zeros_(linear.weight)
-    if getattr(linear, "bias", None) is not None:
-        nn.init.zeros_(linear.bias)
-
-
 def activation_of(block: nn.Module) -> type[nn.Module]:
     """The first activation type used inside a block (ReLU when none is found)."""
     acts = [type(m) for m in block.modules() if isinstance(m, (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish))]
     return acts[0] if acts else nn.ReLU
-
-
-def new_cnn_block(channels: int, act: type[nn.Module] = nn.ReLU, identity: bool = True) -> nn.Module:
-    """A fresh inverted-residual block (channels -> channels); `identity` zeroes its last BatchNorm scale."""
-    from timm.models._efficientnet_blocks import InvertedResidual
-
-    block = InvertedResidual(channels, channels, dw_kernel_size=3, exp_ratio=6.0, act_layer=act)
-    if identity:
-        nn.init.zeros_(block.bn3.weight)  # the residual branch ends in bn3: a zero scale makes the block the identity
-    return block
 
 
 def new_block(tower: Tower, source: nn.Module, init: str = "copy", identity: bool = True,
@@ -101,8 +73,8 @@ def new_block(tower: Tower, source: nn.Module, init: str = "copy", identity: boo
         if init == "random":
             _reinit(block)
         if identity:
-            _zero(block.attn.proj)
-            _zero(block.mlp.fc2)
+            zero_(block.attn.proj)
+            zero_(block.mlp.fc2)
     elif tower.block_kind == "postnorm":
         inner = copy.deepcopy(source)
         if init == "random":

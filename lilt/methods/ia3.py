@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from peft import IA3Config
 
-from ..config import ConfigBase, knob
+from ..configbase import ConfigBase, knob
 from ..towers.base import Tower
 from ._peft import inject, resolve_targets
 from .base import MethodResult, Selection, register_method

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..config import ConfigBase
+from ..configbase import ConfigBase
 from ..towers.base import Tower
 from .base import MethodResult, Selection, register_method
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..config import ConfigBase
+from ..configbase import ConfigBase
 from ..towers.base import Tower
 from .base import MethodResult, Selection, register_method
 

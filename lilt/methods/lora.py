@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 from peft import LoraConfig
 
-from ..config import ConfigBase, ConfigError, knob
+from ..configbase import ConfigBase, knob
+from ..errors import ConfigError
 from ..towers.base import Tower
 from ._peft import DEFAULT_LORA_TARGETS, inject, resolve_targets
 from .base import MethodResult, Selection, register_method

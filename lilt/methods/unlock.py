@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from ..config import ConfigBase, ConfigError, knob
+from ..configbase import ConfigBase, knob
+from ..errors import ConfigError
 from ..towers.base import Tower
 from .base import MethodResult, Selection, register_method
 

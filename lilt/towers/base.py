@@ -4,11 +4,31 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
+from pathlib import Path
 from typing import Any, ClassVar, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from .._io import sha256_file
+
+
+def weights_sha256(folder: Path | None) -> str | None:
+    """sha256 of a backbone folder's safetensors weights, read before anything is built from it (None: no folder)."""
+    if folder is None:
+        return None
+    recorded = folder / "lilt_packaged.json"  # a packaged conversion records (and verifies) its weights' hash
+    if recorded.is_file():
+        return json.loads(recorded.read_text()).get("sha256")
+    files = sorted(folder.glob("*.safetensors"))
+    if len(files) == 1:
+        return sha256_file(files[0])
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(f"{file.name}:{sha256_file(file)}\n".encode())
+    return digest.hexdigest() if files else None
 
 
 def state_dict_sha256(state: Mapping[str, torch.Tensor]) -> str:
@@ -46,6 +66,7 @@ class Tower(nn.Module):
         # Blocks added between backbone blocks by depth growth: key str(i) runs after backbone block i.
         self.inserted_blocks = nn.ModuleDict()
         self.source = source
+        self.weights_sha256: str | None = None  # of the folder's weights files, when built from a folder
         state = backbone.state_dict()
         # Hash the pretrained weights now, before any rule or training can touch them.
         self.backbone_sha256 = state_dict_sha256(state)

