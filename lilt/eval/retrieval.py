@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import DataError
+from ..finite import check_finite
 from ..data.loader import pair_loader
 from ..data.transforms import PairCollator
 
@@ -75,12 +76,16 @@ def embed_pairs(model: Any, data: datasets.Dataset, *, features: bool = False, b
         if "pixel_values" in batch:
             images.append(encode_image(batch["pixel_values"].to(model.device)).float().cpu())
             kept.append(batch["rows"])
-    images_t = torch.cat(images)
+    if not images:
+        raise DataError(f"none of the {len(unique_rows)} images could be read (e.g. {'; '.join(skipped[:3])}).")
+    images_t = check_finite(torch.cat(images), "image embeddings")
     # Images that could not be read take their captions out of the evaluation (reported in `skipped`).
     remap = torch.full((len(unique_rows),), -1, dtype=torch.long)
     remap[torch.cat(kept)] = torch.arange(len(images_t))
     text_image = remap[text_image]
     texts = data["text"]
+    if not texts:
+        raise DataError("no captions to evaluate (check the languages asked for: the data may have none of them).")
     encode_text = model.text_features if features else model.encode_text
     chunks = [encode_text({k: v.to(model.device) for k, v in model.tokenize(texts[s:s + batch_size]).items()})
               .float().cpu() for s in tqdm(range(0, len(texts), batch_size), disable=not progress, desc="texts",
@@ -90,7 +95,8 @@ def embed_pairs(model: Any, data: datasets.Dataset, *, features: bool = False, b
     valid = text_image >= 0
     if not bool(valid.all()):
         langs = [lang for lang, ok in zip(langs, valid.tolist()) if ok] if langs is not None else None
-    return EmbeddedPairs(images_t, torch.cat(chunks)[valid], text_image[valid], langs, skipped)
+    texts_t = check_finite(torch.cat(chunks), "caption embeddings")
+    return EmbeddedPairs(images_t, texts_t[valid], text_image[valid], langs, skipped)
 
 
 # Scores this close count as tied: batching (padding, kernels) moves equal embeddings by float noise.
@@ -115,7 +121,15 @@ def hit_chance(higher: torch.Tensor, tied: torch.Tensor, k: int, own: torch.Tens
 
 def recall_at_k(images: torch.Tensor, texts: torch.Tensor, text_image: torch.Tensor,
                 k: Sequence[int] = (1, 5, 10), chunk: int = 1024) -> dict[str, float]:
-    """Image->text and text->image recall@K (in %) for L2-normalized embeddings; text_image[j] = image of text j."""
+    """Image->text and text->image recall@K (in %) for L2-normalized embeddings; text_image[j] = image of text j.
+
+    Non-finite embeddings are an error, never a score: NaN compares neither greater nor tied, which would
+    make every positive look like the top hit.
+    """
+    check_finite(images, "image embeddings")
+    check_finite(texts, "caption embeddings")
+    if not len(texts) or not images.shape[0]:
+        raise DataError(f"recall needs images and captions; got {images.shape[0]} images and {len(texts)} captions.")
     n_images = images.shape[0]
     # text -> image: how many images beat / tie the caption's own image.
     t2i = torch.empty(2, len(texts), dtype=torch.long)

@@ -20,6 +20,7 @@ from ..configbase import read_mapping
 from ..errors import ConfigError, DataError
 from ..data.loader import pair_loader
 from ..data.transforms import PairCollator
+from ..finite import check_finite
 from .retrieval import TIE_TOL, hit_chance
 
 logger = logging.getLogger(__name__)
@@ -181,6 +182,7 @@ def _labels(data: datasets.Dataset, label_column: str, n_classes: int) -> torch.
 
 def topk_hits(scores: torch.Tensor, labels: torch.Tensor, k: int, tol: float = TIE_TOL) -> torch.Tensor:
     """Per row, the chance (0..1) that the true class is in the top K when ties are broken at random."""
+    check_finite(scores, "zero-shot scores")  # NaN would count as a hit: never score from it
     positive = scores.gather(1, labels[:, None])
     higher = (scores > positive + tol).sum(1)
     tied = ((scores - positive).abs() <= tol).sum(1) - 1
