@@ -1,4 +1,4 @@
-"""Faults a run must survive or stop on cleanly: NaN batches, diverging updates, bad data, torn saves, dead launchers."""
+"""Faults a run survives or stops on cleanly: NaN batches, diverging updates, bad data, torn saves, dead launchers."""
 
 from __future__ import annotations
 
