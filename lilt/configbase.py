@@ -108,8 +108,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 class ConfigBase:
     """Base of every lilt config: typed fields, validation, dict/JSON/YAML round trip."""
 
-    # How error messages join a config's location and a key: 'TrainConfig.lr', or 'recipe.yaml:train'.
+    # How error messages join a config's location and a key ('TrainConfig.lr', or 'recipe.yaml:train'),
+    # and what they call a key ('key', or 'section' for a recipe's top level).
     key_separator: ClassVar[str] = "."
+    key_noun: ClassVar[str] = "key"
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -135,8 +137,8 @@ class ConfigBase:
         names = [f.name for f in dataclasses.fields(cls)]
         for key in data:
             if key not in names:
-                raise ConfigError(f"{where}: unknown key {key!r}.{did_you_mean(str(key), names)} "
-                                  f"Accepted keys: {', '.join(names)}.")
+                raise ConfigError(f"{where}: unknown {cls.key_noun} {key!r}.{did_you_mean(str(key), names)} "
+                                  f"Accepted {cls.key_noun}s: {', '.join(names)}.")
         missing = [f.name for f in dataclasses.fields(cls) if f.name not in data
                    and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
         if missing:

@@ -12,14 +12,13 @@ checked against the method registry, which loads torch only when a plan names a 
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Mapping, Sequence
 
 from .config import DataConfig, ModelConfig, TrainConfig
 from .configbase import ConfigBase, apply_overrides, knob, read_mapping
-from .errors import ConfigError, did_you_mean
+from .errors import ConfigError
 
 
 def _methods() -> Any:
@@ -119,6 +118,7 @@ class Recipe(ConfigBase):
     """Every section of a run; `Recipe.from_file(path, overrides)` reads and checks one."""
 
     key_separator: ClassVar[str] = ":"
+    key_noun: ClassVar[str] = "section"
 
     model: ModelConfig = knob(help="the backbones, heads and temperature", default_factory=ModelConfig)
     plan: TuningPlan | None = knob(None, "which parameters train (lilt.TuningPlan); not with init (a saved "
@@ -137,16 +137,8 @@ class Recipe(ConfigBase):
     def from_dict(cls, data: Mapping[str, Any], where: str | None = None) -> "Recipe":
         """Build from a mapping of sections; an unknown section is an error naming the closest one."""
         where = where or "recipe"
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"{where}: expected a mapping of sections, got {type(data).__name__}.")
-        sections = [f.name for f in dataclasses.fields(cls)]
-        for key in data:
-            if key not in sections:
-                raise ConfigError(f"{where}: unknown section {key!r}.{did_you_mean(str(key), sections)} "
-                                  f"Sections are {', '.join(sections)}.")
-        for key in ("model", "data", "train", "eval"):
-            if key in data and data[key] is None:  # an empty `train:` line means the defaults
-                data = {**data, key: {}}
+        if isinstance(data, Mapping):  # an empty `train:` line means the defaults
+            data = {k: {} if v is None and k in ("model", "data", "train", "eval") else v for k, v in data.items()}
         recipe = super().from_dict(data, where)
         if recipe.plan is not None and not recipe.plan.name and where.endswith((".yaml", ".yml", ".json")):
             recipe.plan.name = Path(where).stem
