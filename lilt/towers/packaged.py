@@ -9,6 +9,7 @@ sha256; later uses check that hash and load the directory with timm or transform
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import json
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from filelock import FileLock
 
@@ -119,8 +120,31 @@ def packaged_path(name: str) -> Path:
         if target.exists():
             logger.warning("packaged:%s in %s cannot be reused (%s); converting it again",
                            info.name, target, reason)
-        _convert(info, target)
+        with rng_preserved():  # the first run on a machine converts; it must draw the same numbers as later ones
+            _convert(info, target)
     return target
+
+
+@contextlib.contextmanager
+def rng_preserved() -> Iterator[None]:
+    """Leave the global python, numpy and torch (CPU) random states as they were on entry.
+
+    A converter may build a randomly initialized model before loading its weights (timm does): those
+    draws would shift a seeded run's stream, so the first run on a machine, which converts, would get
+    other fresh heads than every later run, which finds the converted directory.
+    """
+    import random
+
+    import numpy as np
+    import torch
+
+    states = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
 
 
 def _signature(target: Path) -> tuple:
