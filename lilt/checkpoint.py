@@ -17,6 +17,7 @@ name and renamed into place, so a crash at any instant leaves the previous check
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -36,6 +37,7 @@ from ._io import recover_dir, sha256_file, swap_dir, write_json
 from .config import ModelConfig
 from .errors import BackboneMismatchError, CheckpointError, ConfigError, NonFiniteError
 from .growth.grower import replay_growth
+from .growth.ops import GrowthOp
 from .plan import apply_plan
 from .recipe import TuningPlan
 from .towers.text import text_weights_sha256
@@ -54,13 +56,30 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
 # -- model folders ----------------------------------------------------------------------------------
-def config_digest(manifest: Mapping[str, Any]) -> str:
-    """sha256 of what decides a loaded model's outputs: model config, plan, growth and text conventions."""
-    import hashlib
+def behaviour(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """What decides a loaded model's outputs: model config (not where its backbones live), plan, growth, text
+    conventions. The backbones' identity is checked by their own weights' hashes, so they may move."""
+    out = json.loads(json.dumps({k: manifest.get(k) for k in ("model", "plan", "growth", "text_conventions")}))
+    for tower in ("vision", "text"):
+        if isinstance(out["model"], dict) and isinstance(out["model"].get(tower), dict):
+            out["model"][tower].pop("name", None)
+    return out
 
-    keys = ("model", "plan", "growth", "text_conventions")
-    text = json.dumps({k: manifest.get(k) for k in keys}, sort_keys=True, ensure_ascii=True)
+
+def config_digest(manifest: Mapping[str, Any]) -> str:
+    """sha256 of the behaviour-defining part of a manifest (stored with the weights, checked on load)."""
+    text = json.dumps(behaviour(manifest), sort_keys=True, ensure_ascii=True)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _differences(saved: Any, now: Any, path: str = "") -> list[str]:
+    """Dotted paths where two JSON values differ, with both values."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        return [d for k in sorted(set(saved) | set(now), key=str)
+                for d in _differences(saved.get(k), now.get(k), f"{path}.{k}" if path else str(k))]
+    if saved != now:
+        return [f"{path} (now {json.dumps(now)[:60]}, saved with the weights {json.dumps(saved)[:60]})"]
+    return []
 
 
 def finite_or_raise(tensors: Mapping[str, torch.Tensor], what: str) -> None:
@@ -87,8 +106,9 @@ def write_model_files(model: Any, folder: Path) -> dict[str, Any]:
                              "max_length": model.text.max_length},
     }
     weights = folder / WEIGHTS_NAME
-    save_file(tensors, str(weights), metadata={"format": "pt", "lilt_format": str(FORMAT_VERSION),
-                                               "lilt_config_sha256": config_digest(manifest)})
+    save_file(tensors, str(weights), metadata={
+        "format": "pt", "lilt_format": str(FORMAT_VERSION), "lilt_config_sha256": config_digest(manifest),
+        "lilt_config": json.dumps(behaviour(manifest), sort_keys=True, ensure_ascii=True)})
     manifest["weights"] = {"file": WEIGHTS_NAME, "sha256": sha256_file(weights), "tensors": len(tensors),
                            "bytes": weights.stat().st_size}
     write_json(folder / CONFIG_NAME, manifest, indent=2)
@@ -136,12 +156,15 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{file} is not valid JSON ({err}); the checkpoint is damaged.") from None
     _require(isinstance(manifest, dict), file, "the top level is not a mapping")
+    _require(type(manifest.get("format_version")) is int, file,
+             f"format_version {manifest.get('format_version')!r} is not a whole number")
     if manifest.get("format") != FORMAT or not isinstance(manifest.get("format_version"), int) \
             or manifest["format_version"] > FORMAT_VERSION or manifest["format_version"] < 1:
         raise CheckpointError(f"{file} is format {manifest.get('format')!r} v{manifest.get('format_version')}; this "
                               f"lilt ({__version__}) reads {FORMAT!r} v1 to v{FORMAT_VERSION}.")
     _require(isinstance(manifest.get("model"), dict), file, "'model' is missing or not a mapping")
-    _require(manifest.get("plan") is None or isinstance(manifest["plan"], dict), file, "'plan' is not a mapping")
+    _require("plan" in manifest and (manifest["plan"] is None or isinstance(manifest["plan"], dict)), file,
+             "'plan' is missing or not a mapping (null for no plan)")
     growth = manifest.setdefault("growth", [])
     _require(isinstance(growth, list) and all(isinstance(r, dict) and isinstance(r.get("op"), str) for r in growth),
              file, "'growth' is not a list of {op: ...} records")
@@ -167,13 +190,18 @@ def check_weights(path: Path, manifest: Mapping[str, Any]) -> Path:
                               "or the file was changed). Save the checkpoint again.")
     try:
         with safe_open(str(file), framework="pt") as handle:
-            recorded = (handle.metadata() or {}).get("lilt_config_sha256")
+            metadata = handle.metadata() or {}
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{file} is not a readable safetensors file ({err}).") from None
+    recorded = metadata.get("lilt_config_sha256")
     if recorded is not None and recorded != config_digest(manifest):
-        raise CheckpointError(f"{path / CONFIG_NAME} was edited after the weights were saved (its model, plan, growth "
-                              "or text conventions differ from what the weights were trained with). Restore it, "
-                              "or save the model again.")
+        try:
+            changed = _differences(json.loads(metadata["lilt_config"]), behaviour(manifest))
+        except (KeyError, ValueError):
+            changed = []
+        raise CheckpointError(f"{path / CONFIG_NAME} was edited after the weights were saved: "
+                              f"{'; '.join(changed[:3]) or 'its model, plan or growth differ'}. Restore it, or save "
+                              "the model again.")
     return file
 
 
@@ -190,7 +218,6 @@ def load_model(cls: Any, path: str | Path, *, vision: str | None = None, text: s
     """Rebuild a saved model: check every hash, then build backbones, re-apply plan and growth, load tensors."""
     path = Path(path)
     manifest = read_manifest(path)
-    weights = check_weights(path, manifest)  # before any backbone is touched
     model_dict = json.loads(json.dumps(manifest["model"]))
     for name, moved in (("vision", vision), ("text", text)):
         if moved is not None:
@@ -198,8 +225,11 @@ def load_model(cls: Any, path: str | Path, *, vision: str | None = None, text: s
     try:
         config = ModelConfig.from_dict(model_dict, where=f"{path / CONFIG_NAME}:model")
         plan = TuningPlan.from_dict(manifest["plan"], where=f"{path / CONFIG_NAME}:plan") if manifest["plan"] else None
+        for record in manifest["growth"]:  # bounded sizes: nothing huge gets built
+            GrowthOp.parse(record["op"])
     except ConfigError as err:
         raise CheckpointError(str(err)) from None
+    weights = check_weights(path, manifest)  # every hash before any backbone is touched
     # The weights files of a backbone folder are checked before the backbone is built from that folder.
     for name, digest in (("vision", vision_weights_sha256(config.vision)), ("text", text_weights_sha256(config.text))):
         expected = manifest["backbones"][name].get("weights_sha256")
@@ -236,6 +266,10 @@ def load_delta(model: Any, file: Path) -> None:
     if missing or unexpected:
         raise CheckpointError(f"{file} does not fit this model: missing {_first(missing)}, unexpected "
                               f"{_first(unexpected)}. Was it saved with another plan or backbone?")
+    broken = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if broken:  # lilt never saves such a tensor: the file was made elsewhere, or edited
+        raise CheckpointError(f"{file} holds NaN or infinity in {_first(broken)}; a model is never saved like that. "
+                              "Use an earlier checkpoint.")
     wrong = [k for k, t in tensors.items() if t.shape != expected[k].shape or t.dtype != expected[k].dtype]
     if wrong:
         raise CheckpointError(f"{file} does not fit this model: {wrong[0]} has shape {tuple(tensors[wrong[0]].shape)} "
@@ -294,9 +328,10 @@ def latest_checkpoint(root: str | Path) -> Path | None:
         try:
             verify_state(path)
         except CheckpointError as err:
-            logger.warning("skipping checkpoint %s: %s", path, err)
             problems.append(str(err))
             continue
+        for problem in problems:  # said only when there is something to fall back to (else the error says it)
+            logger.warning("skipping a damaged or incomplete checkpoint: %s", problem)
         return path
     if problems:
         raise CheckpointError(f"no usable checkpoint under {folder} ({len(problems)} damaged or incomplete; newest: "
@@ -406,7 +441,7 @@ def save_training_state(loop: Any, output: Path, step: int, steps_per_epoch: int
     save_rng(tmp, acc.process_index)
     acc.wait_for_everyone()
     if acc.is_main_process:
-        state = {"step": step, "steps_per_epoch": steps_per_epoch, "epoch": loop.epoch,
+        state = {"step": step, "steps_per_epoch": steps_per_epoch, "epoch": loop.epoch, "epoch_begin": loop.epoch_begin,
                  "processes": acc.num_processes, "bad_items": loop.bad.state_dict(),
                  "nonfinite": loop.nonfinite, "nonfinite_in_a_row": loop.nonfinite_in_a_row}
         finalize(tmp, final, state, loop.config.keep_checkpoints)
@@ -424,12 +459,10 @@ def restore_training_state(loop: Any, folder: Path) -> int:
         loop.scheduler.load_state_dict(json.loads((folder / "scheduler.json").read_text()))
         loop.bad.load_state_dict(meta["bad_items"])
         loop.nonfinite, loop.nonfinite_in_a_row = int(meta["nonfinite"]), int(meta["nonfinite_in_a_row"])
-        loop.epoch = int(meta.get("epoch", 0))
+        loop.epoch, loop.epoch_begin = int(meta["epoch"]), int(meta["epoch_begin"])
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise CheckpointError(f"{folder}: {STATE_NAME} or scheduler.json does not fit this run ({err}).") from None
     load_rng(folder, loop.acc.process_index)
     if loop.ema is not None and (folder / "ema.safetensors").is_file():
         loop.ema = {n: t.to(loop.acc.device) for n, t in load_file(str(folder / "ema.safetensors")).items()}
-    if loop.acc.is_main_process:
-        logger.info("resumed from %s (step %d)", folder, meta["step"])
     return meta["step"]

@@ -106,6 +106,55 @@ class ModelConfig(ConfigBase):
 
 
 @dataclass
+class EmojiCldrOptions(ConfigBase):
+    """Options of `builtin:emoji-cldr` (DataConfig.options)."""
+
+    keywords: bool = knob(False, "add each emoji's CLDR keywords as extra captions")
+    val_fraction: float = knob(0.1, "share of emoji in the validation split")
+    test_fraction: float = knob(0.3, "share of emoji in the test split")
+    split_seed: int = knob(0, "which emoji go to which split (fixed whatever the training seed)")
+    cache_dir: str | None = knob(None, "where the rendered set is kept (default $LILT_HOME/data)")
+
+    def validate(self) -> None:
+        if not (0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1 and self.val_fraction + self.test_fraction
+                < 1):
+            raise ConfigError(f"emoji-cldr val_fraction={self.val_fraction} and test_fraction={self.test_fraction} "
+                              "must be in [0, 1) and leave emoji for training.")
+        if not 0 <= self.split_seed < 2**32:
+            raise ConfigError(f"emoji-cldr split_seed={self.split_seed} must be in [0, 2**32).")
+
+
+@dataclass
+class TinyRandomOptions(ConfigBase):
+    """Options of `builtin:tiny-random` (DataConfig.options), a set for tests."""
+
+    n: int = knob(64, "pairs per split")
+    image_size: int = knob(32, "image side in pixels")
+    seed: int = knob(0, "seed of the images and captions")
+
+    def validate(self) -> None:
+        if not 1 <= self.n <= 100_000 or not 1 <= self.image_size <= 1024 or not 0 <= self.seed < 2**32:
+            raise ConfigError(f"tiny-random n={self.n}, image_size={self.image_size} and seed={self.seed} must be in "
+                              "[1, 100000], [1, 1024] and [0, 2**32).")
+
+
+BUILTIN_OPTIONS: dict[str, type[ConfigBase]] = {"emoji-cldr": EmojiCldrOptions, "tiny-random": TinyRandomOptions}
+BUILTIN_SPLITS = ("train", "validation", "test")
+
+
+def check_builtin(spec: str, options: dict, where: str) -> None:
+    """Refuse an unknown `builtin:NAME[:SPLIT]` or options it does not take (before anything loads)."""
+    name, _, split = spec[len("builtin:"):].partition(":")
+    if name not in BUILTIN_OPTIONS:
+        raise ConfigError(f"{where}: unknown built-in dataset {name!r}; built-ins: "
+                          f"{', '.join('builtin:' + b for b in BUILTIN_OPTIONS)}.{did_you_mean(name, BUILTIN_OPTIONS)}")
+    if split and split not in BUILTIN_SPLITS:
+        raise ConfigError(f"{where}: builtin:{name} has splits {list(BUILTIN_SPLITS)}; got {split!r}."
+                          + did_you_mean(split, BUILTIN_SPLITS))
+    BUILTIN_OPTIONS[name].from_dict(options, where=f"{where} options of builtin:{name}")
+
+
+@dataclass
 class DataConfig(ConfigBase):
     """Where training pairs come from and how they are read, augmented and batched."""
 
@@ -151,6 +200,22 @@ class DataConfig(ConfigBase):
                 raise ConfigError(f"DataConfig.{name} is empty.")
         if self.langs is not None and (not self.langs or not all(isinstance(x, str) and x for x in self.langs)):
             raise ConfigError(f"DataConfig.langs={self.langs!r} must be a non-empty list of language codes (or null).")
+        if self.source.startswith("builtin:"):
+            check_builtin(self.source, self.options, "DataConfig.source")
+            for name in ("split", "val_split"):
+                if getattr(self, name) not in BUILTIN_SPLITS:
+                    raise ConfigError(f"DataConfig.{name}={getattr(self, name)!r}: built-in sets have splits "
+                                      f"{list(BUILTIN_SPLITS)}.{did_you_mean(getattr(self, name), BUILTIN_SPLITS)}")
+            for name, default in (("image_column", "image"), ("text_column", "text"), ("lang_column", "lang")):
+                if getattr(self, name) != default:
+                    raise ConfigError(f"DataConfig.{name}={getattr(self, name)!r}: a built-in set has fixed columns "
+                                      f"(image, text, lang); {name} is for your own tables.")
+        elif self.options:
+            raise ConfigError(f"DataConfig.options {sorted(self.options)} only apply to builtin sources; "
+                              f"{self.source!r} is not one.")
+        if self.val_source and self.val_source.startswith("builtin:"):
+            check_builtin(self.val_source, self.options if self.source.startswith("builtin:") else {},
+                          "DataConfig.val_source")
         if not 1 <= self.bad_window <= 10_000_000:
             raise ConfigError(f"DataConfig.bad_window={self.bad_window} must be in [1, 10000000].")
 
@@ -190,7 +255,7 @@ class GrowthStage(ConfigBase):
             raise ConfigError(f"growth stage data={self.data} must be a fraction in (0, 1] or a pair source.")
         if self.grow and self.candidates:
             raise ConfigError("a growth stage takes either `grow` (fixed ops) or `candidates` (a search), not both.")
-        if self.candidates and not 1 <= self.search_steps < self.steps:
+        if self.search_steps < 1 or (self.candidates and self.search_steps >= self.steps):
             raise ConfigError(f"growth stage search_steps={self.search_steps} must be in [1, steps={self.steps}).")
         if not 0.0 <= self.inherit_momentum <= 1.0:
             raise ConfigError(f"growth stage inherit_momentum={self.inherit_momentum} must be in [0, 1].")
@@ -225,12 +290,12 @@ class TrainConfig(ConfigBase):
     log_every: int = knob(10, "steps between logged losses")
     eval_every: int = knob(0, "steps between validation retrieval evaluations (0: only at the end)")
     save_every: int = knob(0, "steps between resumable checkpoints (0: only at the end)")
-    keep_checkpoints: int = knob(2, "resumable checkpoints kept (older ones are deleted)")
+    keep_checkpoints: int = knob(2, "resumable checkpoints kept (older ones are deleted; 0 keeps all)")
     resume: str = knob("auto", "'auto': continue from the latest checkpoint in output_dir if any; 'never'; "
                        "or a checkpoint folder")
     report_to: list[str] = knob(["tensorboard"], "trackers by accelerate name (tensorboard, wandb, ...); [] for none")
-    max_nonfinite_steps: int = knob(5, "stop after this many consecutive steps with a non-finite loss (each is "
-                                    "skipped)")
+    max_nonfinite_steps: int = knob(5, "stop after this many consecutive steps with a non-finite loss or gradient "
+                                    "(each is skipped; 0 or 1 stops at the first)")
     eval_batch_size: int = knob(256, "batch size for embedding validation data")
     head_warmup_epochs: int = knob(0, "LP-FT: before training, fit the heads and temperature alone for this many "
                                    "epochs on the frozen towers' features of the training pairs, computed once "
@@ -252,23 +317,19 @@ class TrainConfig(ConfigBase):
                               f"accumulation_steps={self.accumulation_steps}.")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"TrainConfig.betas={self.betas} must be two numbers in [0, 1) (AdamW: [0.9, 0.999]).")
-        for name, low, high in (("lr", 0.0, 10.0), ("head_warmup_lr", 0.0, 10.0), ("max_grad_norm", 0.0, None),
-                                ("weight_decay", None, None)):
-            value = getattr(self, name)
-            if value is None:
-                continue
-            if (low is not None and value <= low) or (high is not None and value > high) or value < 0:
-                bounds = f"in ({low}, {high}]" if high is not None else ("> 0" if low is not None else ">= 0")
-                raise ConfigError(f"TrainConfig.{name}={value} must be {bounds}.")
-        for name, low, high in (("warmup_steps", 0, None), ("log_every", 1, None), ("eval_every", 0, None),
-                                ("save_every", 0, None), ("keep_checkpoints", 1, 1000),
-                                ("max_nonfinite_steps", 1, None),
+        # AdamW with a learning rate or weight decay above 10 is a typo, not a setting.
+        for name, low, high in (("lr", 0.0, 10.0), ("head_warmup_lr", 0.0, 10.0), ("weight_decay", 0.0, 10.0),
+                                ("warmup_steps", 0, None), ("log_every", 1, None), ("eval_every", 0, None),
+                                ("save_every", 0, None), ("keep_checkpoints", 0, None),
+                                ("max_nonfinite_steps", 0, None),
                                 ("eval_batch_size", 1, None), ("head_warmup_epochs", 0, 100_000),
                                 ("head_warmup_batch_size", 1, None), ("seed", 0, 2**32 - 1)):
             value = getattr(self, name)
             if value is not None and (value < low or (high is not None and value > high)):
                 bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
                 raise ConfigError(f"TrainConfig.{name}={value} must be {bounds}.")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise ConfigError(f"TrainConfig.max_grad_norm={self.max_grad_norm} must be > 0 (or null: no clipping).")
         if not self.output_dir.strip():
             raise ConfigError("TrainConfig.output_dir is empty; name a folder for checkpoints and the model.")
         if not self.resume.strip():

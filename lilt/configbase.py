@@ -187,8 +187,10 @@ class ConfigBase:
 def read_mapping(path: str | Path) -> dict[str, Any]:
     """Read a YAML or JSON file that must hold a mapping (never executes anything: safe_load / json only)."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a folder; give the YAML/JSON file in it.")
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist (or is not a file).")
+        raise ConfigError(f"config file {str(path)!r} does not exist.")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:

@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Literal, Mapping, Sequence
 
 from .config import DataConfig, ModelConfig, TrainConfig
 from .configbase import ConfigBase, apply_overrides, knob, read_mapping
-from .errors import ConfigError
+from .errors import ConfigError, did_you_mean
 
 
 def _methods() -> Any:
@@ -96,6 +96,10 @@ class InitConfig(ConfigBase):
         if not isinstance(data, Mapping):
             raise ConfigError(f"{where}: expected a mapping with 'from' (a saved model folder), got {data!r}")
         data = dict(data)
+        unknown = [k for k in data if k not in ("from", "source", "swap_text")]
+        if unknown:
+            hint = did_you_mean(str(unknown[0]), ["from", "swap_text"])
+            raise ConfigError(f"{where}: unknown key {unknown[0]!r}.{hint} Accepted keys: from, swap_text.")
         if "from" in data:
             data["source"] = data.pop("from")
         elif "source" not in data:
@@ -137,8 +141,11 @@ class Recipe(ConfigBase):
     def from_dict(cls, data: Mapping[str, Any], where: str | None = None) -> "Recipe":
         """Build from a mapping of sections; an unknown section is an error naming the closest one."""
         where = where or "recipe"
-        if isinstance(data, Mapping):  # an empty `train:` line means the defaults
-            data = {k: {} if v is None and k in ("model", "data", "train", "eval") else v for k, v in data.items()}
+        empty = [k for k, v in data.items() if v is None and k in ("model", "data", "train", "eval")] \
+            if isinstance(data, Mapping) else []
+        if empty:  # `train:` with nothing under it: most likely every key was commented out by mistake
+            raise ConfigError(f"{where}: section {empty[0]!r} is empty; give it keys, or remove the line to use the "
+                              "defaults.")
         recipe = super().from_dict(data, where)
         if recipe.plan is not None and not recipe.plan.name and where.endswith((".yaml", ".yml", ".json")):
             recipe.plan.name = Path(where).stem

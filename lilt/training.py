@@ -23,7 +23,7 @@ from typing import Any, Callable
 import datasets
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs, skip_first_batches
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
@@ -81,6 +81,14 @@ def _accelerator(config: TrainConfig, model: torch.nn.Module) -> Accelerator:
     precision = None if config.mixed_precision == "auto" else config.mixed_precision
     # A contrastive loss that leaves the logit bias unused would make DDP wait for its gradient forever.
     unused = getattr(model, "logit_bias", None) is not None and config.loss != "siglip"
+    try:
+        return _make_accelerator(config, precision, multi, unused)
+    except ValueError as err:  # e.g. a tracker accelerate does not know
+        raise ConfigError(f"TrainConfig: accelerate refused the run's settings (report_to={config.report_to}, "
+                          f"mixed_precision={config.mixed_precision!r}): {err}") from None
+
+
+def _make_accelerator(config: TrainConfig, precision: str | None, multi: bool, unused: bool) -> Accelerator:
     return Accelerator(
         mixed_precision=precision, log_with=config.report_to or None, project_dir=config.output_dir,
         # `accelerate launch --multi_gpu` on a machine without GPUs: run the processes on CPU with gloo.
@@ -111,8 +119,13 @@ def train(model: torch.nn.Module, data: Any = None, config: TrainConfig | None =
     for seg in segments:
         if not isinstance(seg.data, datasets.IterableDataset) and len(seg.data) < config.batch_size:
             where = f" in growth stage {seg.index + 1}" if config.growth else ""
-            raise DataError(f"only {len(seg.data)} training pairs{where} for batch_size={config.batch_size}; lower "
-                            "the batch size" + (" or reveal more data in that stage." if config.growth else "."))
+            filters = {k: v for k, v in data_config.to_dict().items()
+                       if k in ("langs", "pairs_per_lang", "max_pairs", "options") and v not in (None, {}, [])}
+            raise DataError(f"only {len(seg.data)} training pairs{where} from {data_config.source!r}"
+                            + (f" (after data.{', data.'.join(f'{k}={v}' for k, v in filters.items())})"
+                               if filters else "")
+                            + f" for batch_size={config.batch_size}; lower the batch size"
+                            + (" or reveal more data in that stage." if config.growth else " or widen the data."))
     if any(seg.stage is not None and seg.stage.candidates for seg in segments) and val is None:
         raise ConfigError("a growth stage with candidates compares them by validation recall; give validation "
                           "pairs (DataConfig.val_source, or a builtin source with a validation split).")
@@ -136,6 +149,8 @@ def train(model: torch.nn.Module, data: Any = None, config: TrainConfig | None =
     start = 0
     if folder is not None:
         start = result.resumed_from = checkpoint.restore_training_state(loop, folder)
+        if accelerator.is_main_process:
+            logger.info("resumed from %s (step %d)", folder, start)
     if accelerator.is_main_process:
         write_text(output / "train_config.json", config.to_json())
         write_text(output / "data_config.json", data_config.to_json())
@@ -211,7 +226,7 @@ class TrainLoop:
         self.scheduler: Any = None
         self.loss_fn, self.collate = loss_fn, collate
         self.bad = BadItems(accelerator, data_config.max_bad_fraction, data_config.bad_window)
-        self.nonfinite = self.nonfinite_in_a_row = self.epoch = 0
+        self.nonfinite = self.nonfinite_in_a_row = self.epoch = self.epoch_begin = 0
         self.ema: dict[str, torch.Tensor] | None = None
         self.grown_before = 0
 
@@ -355,23 +370,21 @@ class TrainLoop:
     def train_segment(self, seg: Segment, start: int, val: Any, result: TrainResult, history: list[dict[str, Any]],
                       bar: Any, clock: dict[str, float]) -> None:
         """Steps [start, seg.end) on the segment's data."""
-        config, acc, output = self.config, self.acc, result.output_dir
+        config, output = self.config, result.output_dir
         loader = self.loader(seg.data)
         steps_per_epoch = len(loader) if hasattr(loader, "__len__") else None
         if steps_per_epoch == 0:
             raise DataError("the training data gives no full batch; lower TrainConfig.batch_size.")
         done = start - seg.begin
-        epoch = done // steps_per_epoch if steps_per_epoch else self.epoch
-        skip = done - epoch * steps_per_epoch if steps_per_epoch else done
+        if steps_per_epoch:
+            epoch, skip = divmod(done, steps_per_epoch)
+        else:  # a stream has no length: the checkpoint recorded where its epoch began
+            epoch, skip = self.epoch, start - max(self.epoch_begin, seg.begin)
         step = start
+        self.epoch, self.epoch_begin = epoch, start - skip
         while step < seg.end:
-            epoch_loader = acc.skip_first_batches(loader, skip) if skip else loader
-            # Accelerate's loaders re-set the sampler's epoch from their own counter when iterated.
-            epoch_loader.set_epoch(epoch)
+            batches = epoch_batches(loader, epoch, skip)
             skip = 0
-            with torch.random.fork_rng(devices=[]):
-                # Starting workers draws a seed from the global RNG; keep that out of the training stream.
-                batches = iter(epoch_loader)
             for batch in batches:
                 loss = self.step(batch, step + 1) if self.bad.count(batch) else float("nan")
                 step += 1
@@ -386,7 +399,7 @@ class TrainLoop:
             else:
                 self.bad.end_epoch(epoch)
                 epoch += 1
-                self.epoch = epoch
+                self.epoch, self.epoch_begin = epoch, step
 
     def _log(self, step: int, loss: float, bar: Any, clock: dict[str, float], history: list[dict[str, Any]]) -> None:
         clock["samples"] += self.config.batch_size
@@ -421,3 +434,14 @@ class TrainLoop:
 def _read_history(output: Path) -> list[dict[str, Any]]:
     file = output / "history.jsonl"
     return [json.loads(line) for line in file.read_text().splitlines() if line] if file.is_file() else []
+
+
+def epoch_batches(loader: Any, epoch: int, skip: int = 0) -> Any:
+    """A prepared loader's batches of `epoch`, from batch `skip` on (a resumed epoch skips those already done).
+
+    The epoch is set on the prepared loader itself: its set_epoch reaches the EpochSampler on any number of
+    processes, whereas a skip_first_batches copy's stops at accelerate's BatchSamplerShard on several and
+    would leave the sampler at epoch 0. The copy shares the sampler and starts from the loader's epoch.
+    """
+    loader.set_epoch(epoch)
+    return skip_first_batches(loader, skip) if skip else loader

@@ -154,3 +154,19 @@ def test_load_labelled_keeps_integer_ids_and_aligns_a_test_split_to_training_nam
         load_labelled(tmp_path / "t.jsonl", image_column="file", label_column="cls", names=["cat", "fish"])
     with pytest.raises(DataError, match="not labelled images"):
         load_labelled("builtin:tiny-random")
+
+
+@pytest.mark.parametrize("augment", ["crop-flip", "randaugment", "stacked-randaugment"])
+def test_no_augmentation_preset_fails_on_a_valid_image(augment: str) -> None:
+    # The earlier stacked preset's posterize kept 0 bits at its top magnitude, which Pillow refuses.
+    transform = image_transform(DATA_CONFIG, augment)
+    rng = np.random.default_rng(0)
+    for seed in range(300):
+        image = Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8))
+        with _seeded_for_test(seed):
+            assert transform(image).shape == (3, 16, 16)
+
+
+def _seeded_for_test(seed: int):
+    from lilt.data.transforms import _seeded
+    return _seeded(seed, 0, seed)

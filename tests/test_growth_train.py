@@ -113,7 +113,7 @@ def test_candidate_search_keeps_the_best_by_validation_recall(make_model, tmp_pa
                                       {"steps": 5, "data": 1.0, "candidates": ["depth:text:1", "width:adapter:2"],
                                        "search_steps": 2}]})
     result = train(model, "builtin:tiny-random", config,
-                   data_config=DataConfig(num_workers=0, options={"n": 32}))
+                   data_config=DataConfig(source="builtin:tiny-random", num_workers=0, options={"n": 32}))
     record = model.growth[-1]
     scores = record["search"]
     assert [s["candidate"] for s in scores] == ["depth:text:1", "width:adapter:2"]
@@ -171,7 +171,7 @@ def test_staged_growth_recipes_are_valid() -> None:
 
 def test_a_stage_can_add_a_new_source_and_a_grown_checkpoint_grows_again(make_model, tmp_path: Path) -> None:
     model = tiny(make_model)
-    data = DataConfig(num_workers=0, options={"n": 32})
+    data = DataConfig(source="builtin:tiny-random", num_workers=0, options={"n": 32})
     first = TrainConfig.from_dict({
         "output_dir": str(tmp_path / "first"), "steps": 4, "batch_size": 8, "report_to": [], "warmup_steps": 1,
         "growth": [{"steps": 2, "data": 0.5}, {"steps": 2, "data": "builtin:tiny-random", "grow": ["depth:text:1"]}]})

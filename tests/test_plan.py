@@ -90,7 +90,7 @@ def test_rule_errors_name_the_rule_and_suggest_fixes():
         lilt.Rule(tower="both", method="adapter", options={"reduction": 4})
     with pytest.raises(lilt.ConfigError, match="'towers' is not one of"):
         lilt.Rule(tower="towers", method="lock")
-    with pytest.raises(lilt.ConfigError, match="r=0 must be >= 1"):
+    with pytest.raises(lilt.ConfigError, match=r"r=0 must be in \[1, 4096\]"):
         lilt.Rule(tower="text", method="lora", options={"r": 0})
 
 

@@ -70,9 +70,11 @@ def pair_loader(data: datasets.Dataset | datasets.IterableDataset, collate: Call
                 shuffle: bool = True, drop_last: bool = True, seed: int = 0, num_workers: int = 0,
                 pin_memory: bool = False) -> DataLoader:
     """A DataLoader over pairs whose collate function decodes, augments and tokenizes."""
+    # Each iteration draws the workers' base seed from `generator`: a loader-owned one keeps that draw out of
+    # the global RNG (dropout), which a resumed epoch would otherwise advance once more than the run it resumes.
     options = {"num_workers": num_workers, "pin_memory": pin_memory and torch.cuda.is_available(),
                "persistent_workers": False, "collate_fn": collate, "batch_size": batch_size,
-               "drop_last": drop_last}
+               "drop_last": drop_last, "generator": torch.Generator().manual_seed(seed)}
     if isinstance(data, datasets.IterableDataset):
         return DataLoader(StreamedPairs(data, seed=seed) if shuffle else StreamedPairs(data, 0, seed), **options)
     return DataLoader(PairTable(data), sampler=EpochSampler(len(data), seed, shuffle), **options)

@@ -32,6 +32,11 @@ def select_pairs(data: datasets.Dataset | datasets.IterableDataset, *, langs: Se
 
 def capped_rows(langs: np.ndarray, caps: int | Mapping[str, int], seed: int) -> list[int]:
     """Row indices keeping at most caps[lang] rows per language, chosen by a seeded permutation."""
+    present = {str(x) for x in np.unique(langs)}
+    absent = sorted(set(caps) - present) if not isinstance(caps, int) else []
+    if absent:  # a budget for a language the data does not have is a typo (or the wrong `langs`)
+        raise DataError(f"pairs_per_lang names {absent}, but the data has no pairs in that language (it has "
+                        f"{sorted(present)[:12]}{' ...' if len(present) > 12 else ''}).")
     order = np.random.default_rng(seed).permutation(len(langs))
     keep = np.ones(len(langs), dtype=bool)
     for lang in np.unique(langs):

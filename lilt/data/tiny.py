@@ -8,6 +8,8 @@ import datasets
 import numpy as np
 from PIL import Image
 
+from ..errors import DataError
+
 _WORDS = ("red", "green", "blue", "small", "large", "cat", "dog", "car", "tree", "bird", "house", "boat")
 _LANGS = ("en", "sw", "yo")
 
@@ -16,10 +18,10 @@ def load_tiny_random(split: str = "train", n: int = 64, image_size: int = 32, se
                      **unused: object) -> datasets.Dataset:
     """`n` random RGB PNG images, each with a random 3-word caption and a language; seeded by split."""
     if unused:
-        raise ValueError(f"builtin:tiny-random takes n, image_size and seed; got also {sorted(unused)}.")
+        raise DataError(f"builtin:tiny-random takes n, image_size and seed; got also {sorted(unused)}.")
     offset = {"train": 0, "validation": 1, "test": 2}
     if split not in offset:
-        raise ValueError(f"builtin:tiny-random has splits {list(offset)}; got {split!r}.")
+        raise DataError(f"builtin:tiny-random has splits {list(offset)}; got {split!r}.")
     rng = np.random.default_rng(seed * 3 + offset[split])
     pixels = rng.integers(0, 256, size=(n, image_size, image_size, 3), dtype=np.uint8)
     images = []

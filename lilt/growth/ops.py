@@ -73,8 +73,8 @@ class GrowthOp(ConfigBase):
                 return cls("width", parts[1], float(parts[2]), tower=parts[3] if len(parts) == 4 else "both")
             if parts[0] == "shared" and len(parts) == 3:
                 return cls("shared", "shared", int(parts[1]), width=int(parts[2]))
-        except ConfigError:
-            raise  # understood, but out of range: that message is the better one
+        except ConfigError as err:  # understood, but out of range: say which op
+            raise ConfigError(f"growth op {spec!r}: {err} Spell ops {OP_GRAMMAR}.") from None
         except (ValueError, OverflowError):
             pass
         raise ConfigError(f"growth op {spec!r} is not understood. Spell it {OP_GRAMMAR}.")

@@ -38,8 +38,8 @@ class AdapterOptions(ConfigBase):
     zero_init: bool = knob(True, "initialize `up` to zero so the model is unchanged at step 0")
 
     def validate(self) -> None:
-        if self.reduction_factor < 1:
-            raise ConfigError(f"adapter reduction_factor={self.reduction_factor} must be >= 1.")
+        if not 1 <= self.reduction_factor <= 4096:
+            raise ConfigError(f"adapter reduction_factor={self.reduction_factor} must be in [1, 4096].")
 
 
 # Hooks are plain functions reading `module.lilt_adapter`, so deep copies carry working adapters.
@@ -121,6 +121,10 @@ def apply_adapter(tower: Tower, selection: Selection, options: AdapterOptions, t
         for path in sites.values():
             module: Any = block.get_submodule(path) if path else _last_leaf_block(block)
             dim = tower.block_channels(index)
+            if options.reduction_factor > dim:
+                raise ConfigError(f"adapter reduction_factor={options.reduction_factor} is wider than the "
+                                  f"{tower.kind} tower's width {dim} at block {index}: the bottleneck would be "
+                                  f"empty. Use reduction_factor <= {dim}.")
             adapter = Bottleneck(dim, max(1, dim // options.reduction_factor), options.activation, options.scale,
                                  options.zero_init, conv=tower.block_kind == "cnn")
             reference = next(block.parameters())

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..configbase import ConfigBase, knob
 from ..errors import ConfigError
+from ..growth.ops import MAX_BLOCKS
 from ..layers import GatedBlock, new_cnn_block, zero_
 from ..towers.base import Tower
 from .base import MethodResult, Selection, register_method
@@ -34,8 +35,8 @@ class DeepOptions(ConfigBase):
         "CNN blocks are always fresh")
 
     def validate(self) -> None:
-        if self.num_blocks < 1:
-            raise ConfigError(f"deep num_blocks={self.num_blocks} must be >= 1.")
+        if not 1 <= self.num_blocks <= MAX_BLOCKS:
+            raise ConfigError(f"deep num_blocks={self.num_blocks} must be in [1, {MAX_BLOCKS}].")
 
 
 def _reinit(module: nn.Module) -> None:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from peft import IA3Config
 
 from ..configbase import ConfigBase, knob
+from ..errors import ConfigError
 from ..towers.base import Tower
 from ._peft import inject, resolve_targets
 from .base import MethodResult, Selection, register_method
@@ -28,6 +29,13 @@ class IA3Options(ConfigBase):
                                             "block kind (BERT: key, value, output.dense; ViT: attn.qkv, mlp.fc2)")
     feedforward_modules: list[str] | None = knob(
         None, "which targets are feed-forward (their input is rescaled rather than their output)")
+
+    def validate(self) -> None:
+        if self.feedforward_modules is not None and self.target_modules is not None:
+            stray = [f for f in self.feedforward_modules if f not in self.target_modules]
+            if stray:
+                raise ConfigError(f"ia3 feedforward_modules {stray} are not among target_modules "
+                                  f"{self.target_modules}; a feed-forward module must also be a target.")
 
 
 @register_method("ia3", IA3Options)

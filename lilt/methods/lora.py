@@ -25,8 +25,8 @@ class LoraOptions(ConfigBase):
         "1x1 convs (CNN)")
 
     def validate(self) -> None:
-        if self.r < 1:
-            raise ConfigError(f"lora r={self.r} must be >= 1.")
+        if not 1 <= self.r <= 4096:
+            raise ConfigError(f"lora r={self.r} must be in [1, 4096].")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"lora dropout={self.dropout} must be in [0, 1).")
 
@@ -35,6 +35,14 @@ class LoraOptions(ConfigBase):
 def apply_lora(tower: Tower, selection: Selection, options: LoraOptions, tag: str) -> MethodResult:
     """Wrap target Linear/Conv2d modules with LoRA (B zero-initialized: unchanged at step 0)."""
     targets = resolve_targets(tower, selection, options.target_modules, DEFAULT_LORA_TARGETS, "lora")
+    for name in targets:  # a rank above the layer's own is not low-rank: a typo, and wasted memory
+        module = tower.get_submodule(name)
+        module = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+        weight = module.weight
+        width = min(weight.shape[0], weight.shape[1] * (weight.shape[2] * weight.shape[3] if weight.dim() == 4 else 1))
+        if options.r > width:
+            raise ConfigError(f"lora r={options.r} exceeds the rank {width} of {name} ({tuple(weight.shape)}); "
+                              f"use r <= {width}.")
 
     def make_config(names: list[str]) -> LoraConfig:
         return LoraConfig(r=options.r, lora_alpha=options.alpha, lora_dropout=options.dropout, target_modules=names)

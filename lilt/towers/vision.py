@@ -80,7 +80,7 @@ def create_vision_backbone(config: VisionConfig) -> nn.Module:
             except TypeError:
                 pass
         return timm.create_model(name, pretrained=config.pretrained, **kwargs)
-    except (OSError, RuntimeError, ValueError, TypeError) as err:
+    except (OSError, RuntimeError, ValueError, TypeError, KeyError) as err:
         if config.pretrained and not name.startswith("local-dir:"):
             raise ConfigError(
                 f"could not load pretrained vision backbone {config.name!r} ({err}). Without a model hub, use "

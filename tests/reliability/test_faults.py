@@ -82,7 +82,7 @@ def test_an_update_that_diverges_stops_the_run_before_anything_is_saved(make_mod
 
 def test_non_finite_knobs_are_config_errors() -> None:
     for knob, value in (("lr", float("inf")), ("lr", float("nan")), ("max_grad_norm", float("nan")),
-                        ("weight_decay", -0.1), ("betas", [0.9, 1.5]), ("lr", 0.0), ("seed", -1)):
+                        ("weight_decay", -0.1), ("betas", [0.9, 1.5]), ("lr", 11.0), ("seed", -1)):
         with pytest.raises(lilt.ConfigError, match=knob):
             TrainConfig(**{knob: value})
     with pytest.raises(lilt.ConfigError, match="pairs_per_lang.*negative"):
