@@ -7,16 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+from helpers import LWA, NO_DROPOUT  # noqa: E402
 from tiny import save_tiny_bert, save_tiny_cnn, save_tiny_vit  # noqa: E402
-
-# Which backbone directories make up the model for each tower under test, and which tower it is.
-TOWER_CASES = {"vit": ("vit", "bert", "vision"), "cnn": ("cnn", "bert", "vision"), "bert": ("vit", "bert", "text")}
-CAPTIONS = ["a cat on a tree", "the red car", "a small dog with a ball", "a bird in the blue sky"]
 
 
 @pytest.fixture(scope="session")
@@ -41,27 +39,16 @@ def make_model(tiny_dirs: dict[str, Path]):
     return build
 
 
-def sample_batch(model, n: int = 4, seed: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Random images at the vision tower's resolution and tokenized captions."""
-    size = model.vision.data_config["input_size"][-1]
-    images = torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
-    return images, model.tokenize(CAPTIONS[:n])
-
-
-def embeddings(model, images: torch.Tensor, text: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Image and text embeddings in eval mode, without gradients."""
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        out = model.encode_image(images), model.encode_text(text)
-    model.train(was_training)
-    return out
-
-
-def clip_loss(model, images: torch.Tensor, text: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Symmetric InfoNCE over a batch (enough to drive a training step in tests)."""
-    out = model(images, **text)
-    logits = out.logits_per_image()
-    labels = torch.arange(len(images))
-    ce = torch.nn.functional.cross_entropy
-    return (ce(logits, labels) + ce(logits.t(), labels)) / 2
+@pytest.fixture()
+def recipe(tiny_dirs: dict[str, Path], tmp_path: Path) -> Path:
+    """A training recipe on the tiny ViT + BERT (no dropout, so runs on 1 and 2 processes can match)."""
+    data = {
+        "model": {"vision": {"name": str(tiny_dirs["vit"]), "image_size": 32},
+                  "text": {"name": str(tiny_dirs["bert"]), **NO_DROPOUT}, "embed_dim": 16},
+        "plan": yaml.safe_load(LWA.read_text())["plan"],
+        "train": {"steps": 6, "batch_size": 8, "log_every": 1, "report_to": [], "warmup_steps": 2, "lr": 1e-3},
+        "data": {"source": "builtin:tiny-random", "num_workers": 0, "options": {"n": 32}},
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path

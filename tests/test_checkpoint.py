@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import embeddings, sample_batch
+from helpers import embeddings, sample_batch
 from safetensors.torch import load_file, save_file
 
 import lilt

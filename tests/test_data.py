@@ -16,33 +16,7 @@ from PIL import Image
 from lilt.config import DataError
 from lilt.data import PairCollator, image_transform, load_pairs, pair_loader
 
-DATA_CONFIG = {"input_size": (3, 16, 16), "interpolation": "bilinear", "mean": (0.5,) * 3, "std": (0.5,) * 3,
-               "crop_pct": 1.0}
-CAPTIONS = ["a red square", "a blue circle", "a green tree", "a small dog", "a black cat", "a white boat"]
-
-
-def write_images(folder: Path, n: int, corrupt: int = 0, size: int = 16) -> list[str]:
-    """n PNG files (the first `corrupt` of them truncated garbage); returns their file names."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    names = []
-    for i in range(n):
-        name = f"img{i:03d}.png"
-        if i < corrupt:
-            (folder / name).write_bytes(b"\x89PNG\r\n\x1a\n not really an image")
-        else:
-            Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / name)
-        names.append(name)
-    return names
-
-
-def write_imagefolder(folder: Path, n: int, corrupt: int = 0) -> Path:
-    """An imagefolder with metadata.jsonl (file_name, caption, lang)."""
-    names = write_images(folder, n, corrupt)
-    lines = [json.dumps({"file_name": name, "caption": CAPTIONS[i % len(CAPTIONS)], "lang": "en"})
-             for i, name in enumerate(names)]
-    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-    return folder
+from helpers import DATA_CONFIG, FOLDER_CAPTIONS as CAPTIONS, write_images, write_imagefolder
 
 
 def collator(tokenize=lambda texts: {"input_ids": torch.zeros(len(texts), 3, dtype=torch.long)}, **kw):

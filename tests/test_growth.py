@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import clip_loss, sample_batch
+from helpers import clip_loss, sample_batch
 
 import lilt
 from lilt.growth import (OP_GRAMMAR, GrowthOp, Inheritance, TokenBlock, add_shared_encoder, grow, grow_,

@@ -17,8 +17,8 @@ from lilt.config import ConfigError, DataConfig, TrainConfig
 from lilt.growth import grow_, migrate_optimizer_state
 from lilt.optim import lr_lambda, make_optimizer, scheduler_at
 from lilt.training import train
-from conftest import clip_loss, embeddings, sample_batch
-from test_train import NO_DROPOUT, LWA, REPO, lilt_train, losses, max_difference, recipe, weights  # noqa: F401
+from helpers import clip_loss, embeddings, sample_batch
+from helpers import LWA, NO_DROPOUT, REPO, lilt_train, losses, max_difference, weights
 
 STAGES = ("train.steps=12", "train.growth=[{steps: 4, data: 0.5}, {steps: 4, data: 0.75, grow: [depth:text:1, "
           "width:adapter:2, 'shared:1:16'], inherit_momentum: 0.8}, {steps: 4, data: 1.0, grow: "

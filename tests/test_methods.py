@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from conftest import TOWER_CASES, clip_loss, embeddings, sample_batch
+from helpers import TOWER_CASES, clip_loss, embeddings, sample_batch
 
 import lilt
 

@@ -8,7 +8,7 @@ import pytest
 from lilt.config import ConfigError, DataError
 from lilt.eval.probe import C_GRID, choose_C, linear_probe
 
-from test_zeroshot import FakeModel, colour_data
+from helpers import FakeModel, colour_data
 
 pytest.importorskip("sklearn")
 

@@ -10,7 +10,7 @@ import torch
 import lilt
 from lilt.config import ConfigError
 from lilt.swap import swap_text_tower
-from conftest import sample_batch
+from helpers import sample_batch
 from tiny import save_tiny_bert
 
 REPO = Path(__file__).resolve().parents[1]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CAPTIONS
+from helpers import CAPTIONS
 
 import lilt
 from lilt.config import TextConfig, VisionConfig

@@ -12,61 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from safetensors.torch import load_file
 
 import lilt
 from lilt.config import DataConfig, DataError, TrainConfig
 from lilt.losses import clip_loss
 from lilt.gradcache import grad_cache_backward
 from lilt.training import train
-from test_data import write_imagefolder
 
-REPO = Path(__file__).resolve().parents[1]
-NO_DROPOUT = {"model_kwargs": {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}}
-LWA = REPO / "recipes" / "methods" / "lwa.yaml"
-
-
-@pytest.fixture()
-def recipe(tiny_dirs: dict[str, Path], tmp_path: Path) -> Path:
-    """A training recipe on the tiny ViT + BERT (no dropout, so runs on 1 and 2 processes can match)."""
-    data = {
-        "model": {"vision": {"name": str(tiny_dirs["vit"]), "image_size": 32},
-                  "text": {"name": str(tiny_dirs["bert"]), **NO_DROPOUT}, "embed_dim": 16},
-        "plan": yaml.safe_load(LWA.read_text())["plan"],
-        "train": {"steps": 6, "batch_size": 8, "log_every": 1, "report_to": [], "warmup_steps": 2, "lr": 1e-3},
-        "data": {"source": "builtin:tiny-random", "num_workers": 0, "options": {"n": 32}},
-    }
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
-def lilt_train(recipe: Path, out: Path, *overrides: str, processes: int = 1) -> subprocess.CompletedProcess:
-    """Run `lilt train` in a subprocess, under `accelerate launch` with cpu-2proc.yaml for 2 processes."""
-    args = ["-m", "lilt.cli", "train", "--recipe", str(recipe), "--output-dir", str(out), *overrides]
-    if processes == 2:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(REPO / "recipes" / "accelerate" / "cpu-2proc.yaml"), *args]
-    else:
-        cmd = [sys.executable, *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
-def weights(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(out / "model" / "model.safetensors"))
-
-
-def losses(out: Path) -> list[float]:
-    return [h["loss"] for h in map(json.loads, (out / "history.jsonl").read_text().splitlines()) if "loss" in h]
-
-
-def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
+from helpers import LWA, NO_DROPOUT, REPO, lilt_train, losses, max_difference, weights, write_imagefolder
 
 
 def test_grad_cache_gives_the_full_batch_gradient(make_model) -> None:

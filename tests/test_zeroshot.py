@@ -2,82 +2,21 @@
 
 from __future__ import annotations
 
-import io
 import json
 import logging
-import zlib
 from pathlib import Path
 
 import datasets
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from lilt.config import ConfigError, DataError
 from lilt.data import emoji_cldr, load_pairs
 from lilt.eval.zeroshot import (TEMPLATES_FILE, class_embeddings, embed_images, emoji_zeroshot, evaluate_zeroshot,
                                 load_templates, topk_accuracy, topk_hits)
 
-# Colour axes of the fake model: a red image is a cat, a green one a dog, a blue one a bird.
-ANCHORS = {"cat": 0, "paka": 0, "dog": 1, "mbwa": 1, "bird": 2, "ndege": 2}
-COLOURS = {"red": (230, 10, 10), "green": (10, 230, 10), "blue": (10, 10, 230)}
-
-
-class FakeModel(torch.nn.Module):
-    """Text: a known word is a fixed axis, any other word a small hashed vector; image: its mean colour."""
-
-    def __init__(self, dim: int = 4, unit_text: bool = True) -> None:
-        super().__init__()
-        self.unit_text = unit_text  # False: text vectors of varying length, to test the ensembling's normalization
-        self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives the model a device, like a DualEncoder
-        self.dim = dim
-        self.text_calls: list[int] = []
-        self.images_seen = 0
-        self.training_while_encoding: set[bool] = set()
-
-    @property
-    def device(self) -> torch.device:
-        return self.anchor.device
-
-    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        words = [[zlib.crc32(w.strip(".,:").encode()) for w in t.split()] for t in texts]
-        width = max(len(w) for w in words)
-        return {"ids": torch.tensor([w + [-1] * (width - len(w)) for w in words], dtype=torch.long)}
-
-    def _word(self, word_id: int) -> torch.Tensor:
-        for word, axis in ANCHORS.items():
-            if zlib.crc32(word.encode()) == word_id:
-                return F.one_hot(torch.tensor(axis), self.dim).float()
-        return 0.05 * torch.randn(self.dim, generator=torch.Generator().manual_seed(word_id))
-
-    def encode_text(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        self.text_calls.append(len(batch["ids"]))
-        self.training_while_encoding.add(self.training)
-        rows = [sum((self._word(int(i)) for i in ids if i >= 0), torch.zeros(self.dim)) for ids in batch["ids"]]
-        rows = torch.stack(rows)
-        return F.normalize(rows, dim=-1) if self.unit_text else rows
-
-    def image_transform(self, train: bool = False):
-        return lambda image: torch.from_numpy(np.asarray(image, dtype=np.float32)).mean((0, 1)) / 255.0
-
-    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        self.images_seen += len(pixels)
-        self.training_while_encoding.add(self.training)
-        return F.normalize(F.pad(pixels, (0, self.dim - pixels.shape[1])), dim=-1)
-
-
-def png(rgb: tuple[int, int, int], size: int = 4) -> dict:
-    buffer = io.BytesIO()
-    Image.new("RGB", (size, size), rgb).save(buffer, format="PNG")
-    return {"bytes": buffer.getvalue(), "path": None}
-
-
-def colour_data(colours: list[tuple[int, int, int]], labels: list[int]) -> datasets.Dataset:
-    """Solid-colour PNG rows with integer labels."""
-    features = datasets.Features({"image": datasets.Image(decode=False), "label": datasets.Value("int64")})
-    return datasets.Dataset.from_dict({"image": [png(c) for c in colours], "label": labels}, features=features)
+from helpers import COLOURS, FakeModel, colour_data
 
 
 @pytest.fixture()
