@@ -183,6 +183,18 @@ class DataConfig(ConfigBase):
                            "shorter than an epoch stops on bad data too")
     allow_outside_root: bool = knob(False, "let a pair table name image files outside its own folder (absolute "
                                     "paths, ../); off, a table cannot make lilt open arbitrary files")
+    parallel: str | None = knob(None, "parallel text for a text-to-text alignment term: 'builtin:emoji-cldr' (names "
+                                "of training-split emoji, pivot + target language) or a .csv/.jsonl/.parquet table "
+                                "with columns source, target, lang; None: no such term")
+    parallel_langs: list[str] | None = knob(None, "target languages of the parallel text (None: the training "
+                                            "`langs` other than the pivot)")
+    parallel_per_lang: int | dict[str, int] | None = knob(
+        None, "cap on parallel pairs per target language (e.g. {sw: 900}); its own budget, apart from image pairs")
+    parallel_pivot: str = knob("en", "the language the parallel text's sources are in (builtin:emoji-cldr)")
+
+    def parallel_targets(self) -> list[str]:
+        """Target languages of the parallel text: parallel_langs, else the training langs but the pivot."""
+        return list(self.parallel_langs or [x for x in (self.langs or []) if x != self.parallel_pivot])
 
     def validate(self) -> None:
         if not 0 <= self.max_bad_fraction <= 1:
@@ -218,6 +230,19 @@ class DataConfig(ConfigBase):
                           "DataConfig.val_source")
         if not 1 <= self.bad_window <= 10_000_000:
             raise ConfigError(f"DataConfig.bad_window={self.bad_window} must be in [1, 10000000].")
+        if self.parallel is not None:
+            if not self.parallel.strip():
+                raise ConfigError("DataConfig.parallel is empty; name 'builtin:emoji-cldr' or a table (or null).")
+            if self.parallel == "builtin:emoji-cldr" and not self.parallel_targets():
+                raise ConfigError("DataConfig.parallel='builtin:emoji-cldr' needs target languages: set "
+                                  "data.parallel_langs (e.g. [sw]) or training langs besides the pivot "
+                                  f"{self.parallel_pivot!r}.")
+        caps = self.parallel_per_lang if isinstance(self.parallel_per_lang, dict) else {"every language":
+                                                                                        self.parallel_per_lang}
+        for lang, cap in caps.items():
+            if cap is not None and cap < 0:
+                raise ConfigError(f"DataConfig.parallel_per_lang: {cap} pairs for {lang} is negative; give a count "
+                                  ">= 0.")
 
 
 @dataclass
@@ -307,6 +332,9 @@ class TrainConfig(ConfigBase):
                                    "decay (e.g. 0.99); growth stages may inherit from it")
     head_warmup_batch_size: int | None = knob(None, "batch size of the head warm-up (None: batch_size); larger is "
                                               "cheap there, as only the heads run")
+    parallel_weight: float = knob(1.0, "weight of the text-to-text alignment term on DataConfig.parallel pairs "
+                                  "(target-language embedding toward the pivot's, InfoNCE over the batch)")
+    parallel_batch_size: int | None = knob(None, "parallel pairs per step over all processes (None: batch_size)")
 
     def validate(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.accumulation_steps < 1:
@@ -323,7 +351,8 @@ class TrainConfig(ConfigBase):
                                 ("save_every", 0, None), ("keep_checkpoints", 0, None),
                                 ("max_nonfinite_steps", 0, None),
                                 ("eval_batch_size", 1, None), ("head_warmup_epochs", 0, 100_000),
-                                ("head_warmup_batch_size", 1, None), ("seed", 0, 2**32 - 1)):
+                                ("head_warmup_batch_size", 1, None), ("seed", 0, 2**32 - 1),
+                                ("parallel_weight", 0.0, 100.0), ("parallel_batch_size", 1, None)):
             value = getattr(self, name)
             if value is not None and (value < low or (high is not None and value > high)):
                 bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"

@@ -30,6 +30,8 @@ class DualEncoderOutput:
     text_embeds: torch.Tensor
     logit_scale: torch.Tensor
     logit_bias: torch.Tensor | None = None
+    parallel_source: torch.Tensor | None = None  # parallel text: pivot-language embeddings (no gradient)
+    parallel_target: torch.Tensor | None = None  # ... and their translations'
 
     def logits_per_image(self) -> torch.Tensor:
         """Scaled image-text similarities, images as rows."""
@@ -114,11 +116,16 @@ class DualEncoder(nn.Module):
         return F.normalize(embeds, dim=-1) if normalize else embeds
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                **text_inputs: torch.Tensor) -> DualEncoderOutput:
-        """Embed a batch of image-text pairs."""
+                parallel: Mapping[str, torch.Tensor] | None = None, **text_inputs: torch.Tensor) -> DualEncoderOutput:
+        """Embed a batch of image-text pairs (and of parallel text, `source_*`/`target_*` tokenized, if given)."""
         text = {"input_ids": input_ids, "attention_mask": attention_mask, **text_inputs}
-        return DualEncoderOutput(self.encode_image(pixel_values), self.encode_text(text), self.scale(),
-                                 self.logit_bias)
+        out = DualEncoderOutput(self.encode_image(pixel_values), self.encode_text(text), self.scale(),
+                                self.logit_bias)
+        if parallel is not None:  # in the same forward, so DDP sees every gradient of the step
+            with torch.no_grad():  # the pivot side is the teacher: only the target language moves
+                out.parallel_source = self.encode_text(_side(parallel, "source"))
+            out.parallel_target = self.encode_text(_side(parallel, "target"))
+        return out
 
     @torch.inference_mode()
     def embed_images(self, images: Sequence[Any], batch_size: int = 64, progress: bool = False) -> torch.Tensor:
@@ -172,6 +179,11 @@ class DualEncoder(nn.Module):
     def load_delta(self, file: str | Path) -> None:
         """Load a trainable-only safetensors file, refusing missing, unexpected or misshapen tensors."""
         checkpoint.load_delta(self, Path(file))
+
+
+def _side(batch: Mapping[str, torch.Tensor], side: str) -> dict[str, torch.Tensor]:
+    """{input_ids, attention_mask, ...} of one side of a tokenized parallel batch."""
+    return {k[len(side) + 1:]: v for k, v in batch.items() if k.startswith(side + "_")}
 
 
 def _is_bn_stat(key: str) -> bool:

@@ -32,6 +32,7 @@ from ._io import write_text
 from .config import DataConfig, TrainConfig
 from .data import PairCollator, image_transform, pair_loader
 from .data.bad_items import BadItems
+from .data.parallel import ParallelBatches, load_parallel
 from .data.resolve import resolve_data
 from .errors import ConfigError, DataError, NonFiniteError
 from .eval.retrieval import EmbeddedPairs, embed_pairs, evaluate_retrieval
@@ -74,6 +75,11 @@ def contrastive_loss(config: TrainConfig) -> Callable[..., torch.Tensor]:
         return siglip
     # Embeddings may come out of autocast in half precision; the softmax over the batch wants fp32.
     return lambda img, txt, scale, bias: clip_loss(img.float(), txt.float(), scale, local_loss=config.local_loss)
+
+
+def parallel_loss(out: Any) -> torch.Tensor:
+    """InfoNCE between target-language embeddings and their (fixed) pivot embeddings, over the global batch."""
+    return clip_loss(out.parallel_target.float(), out.parallel_source.float(), out.logit_scale.detach())
 
 
 def _accelerator(config: TrainConfig, model: torch.nn.Module) -> Accelerator:
@@ -138,11 +144,13 @@ def train(model: torch.nn.Module, data: Any = None, config: TrainConfig | None =
         replay_growth(model, history[len(model.growth):])
     collate = PairCollator(image_transform(model.vision.data_config, data_config.augment, train=True),
                            model.tokenize, seed=config.seed)
+    parallel = parallel_batches(model, config, data_config, accelerator)
     if config.head_warmup_epochs and folder is None:
         warm_up_heads(model, segments[0].data, config, data_config.num_workers, accelerator.is_main_process)
     optimizer = make_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     loop = TrainLoop(accelerator, model, config, data_config, contrastive_loss(config), collate)
+    loop.parallel = parallel
     loop.grown_before = grown_before
     loop.install(model, optimizer, scheduler)
     result = TrainResult(output, 0, model=model)
@@ -158,6 +166,24 @@ def train(model: torch.nn.Module, data: Any = None, config: TrainConfig | None =
     loop.run(segments, start, val, result, on_stage_end)
     accelerator.end_training()
     return result
+
+
+def parallel_batches(model: torch.nn.Module, config: TrainConfig, data_config: DataConfig,
+                     accelerator: Accelerator) -> ParallelBatches | None:
+    """The run's parallel-text batches (DataConfig.parallel), or None when it has none."""
+    if data_config.parallel is None or config.parallel_weight == 0:
+        return None
+    if config.accumulation_steps > 1 and config.accumulation == "gradcache":
+        raise ConfigError("parallel text (DataConfig.parallel) runs with plain accumulation only; set "
+                          "train.accumulation=plain or accumulation_steps=1.")
+    size = config.parallel_batch_size or config.batch_size
+    if size % accelerator.num_processes:
+        raise ConfigError(f"TrainConfig.parallel_batch_size={size} must divide evenly over "
+                          f"{accelerator.num_processes} processes.")
+    table = load_parallel(data_config.parallel, data_config.parallel_targets(), data_config.parallel_per_lang,
+                          pivot=data_config.parallel_pivot, seed=config.seed, options=data_config.options)
+    return ParallelBatches(table, model.tokenize, size, config.seed, accelerator.process_index,
+                           accelerator.num_processes)
 
 
 def _resume_folder(config: TrainConfig, output: Path) -> Path | None:
@@ -229,6 +255,7 @@ class TrainLoop:
         self.nonfinite = self.nonfinite_in_a_row = self.epoch = self.epoch_begin = 0
         self.ema: dict[str, torch.Tensor] | None = None
         self.grown_before = 0
+        self.parallel: ParallelBatches | None = None
 
     def install(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                 ema: bool = True) -> None:
@@ -264,7 +291,7 @@ class TrainLoop:
         if chunks > 1 and self.config.accumulation == "gradcache":
             loss = grad_cache_backward(self.prepared, self.model, inputs, chunks, self.loss_fn, self.acc)
         else:
-            loss = self._plain_backward(inputs, chunks)
+            loss = self._plain_backward(inputs, chunks, self.parallel(step) if self.parallel else None)
         # One collective for two facts: whether every process has a finite loss, and the global mean loss
         # (with local_loss each process holds only its share).
         stats = torch.tensor([float(math.isfinite(loss)), loss if math.isfinite(loss) else 0.0], device=self.acc.device)
@@ -303,13 +330,18 @@ class TrainLoop:
                 "data, or use mixed_precision='bf16' not 'fp16'.")
         return float("nan")
 
-    def _plain_backward(self, inputs: dict[str, torch.Tensor], chunks: int) -> float:
+    def _plain_backward(self, inputs: dict[str, torch.Tensor], chunks: int,
+                        parallel: dict[str, torch.Tensor] | None = None) -> float:
         total = 0.0
         for i, micro in enumerate(split_inputs(inputs, chunks)):
             sync = self.acc.no_sync(self.prepared) if i < chunks - 1 else contextlib.nullcontext()
             with sync:
-                out = self.prepared(**micro)
+                # The whole parallel batch rides with the last micro-batch (the one that synchronizes).
+                extra = {"parallel": parallel} if parallel is not None and i == chunks - 1 else {}
+                out = self.prepared(**micro, **extra)
                 loss = self.loss_fn(out.image_embeds, out.text_embeds, out.logit_scale, out.logit_bias) / chunks
+                if out.parallel_target is not None:
+                    loss = loss + self.config.parallel_weight * parallel_loss(out)
                 self.acc.backward(loss)
             total += float(loss.detach())
         return total
