@@ -59,6 +59,7 @@ _EXPORTS = {
     "export_embeddings": "lilt.embeddings",
     "search": "lilt.embeddings",
     "RidgeMap": "lilt.baselines",
+    "heads_from_ridge": "lilt.baselines",
     "trainable_state": "lilt.interpolation",
     "interpolate": "lilt.interpolation",
     "interpolated": "lilt.interpolation",
