@@ -5,7 +5,8 @@ regression, solved in closed form) on training pairs. Retrieval then compares ma
 captions by cosine, both centred on the captions' mean: text features share a large common direction
 that would otherwise dominate every cosine (on the demo data centring lifts English R@1 from 21 to 23).
 It is the bar a trained model has to clear: it uses the same frozen features and the same pairs, and
-costs one feature pass plus a linear solve.
+costs one feature pass plus a linear solve. `heads_from_ridge` turns it into the projection heads'
+starting point, so tuning starts at the bar instead of below it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import datasets
 import torch
 import torch.nn.functional as F
 
+from .errors import ConfigError
 from .eval.retrieval import EmbeddedPairs, embed_pairs, retrieval_by_lang
 
 
@@ -77,3 +79,50 @@ def ridge_retrieval(ridge: RidgeMap, features: EmbeddedPairs, k: Sequence[int] =
     mapped = EmbeddedPairs(ridge.embed_images(features.images), ridge.embed_texts(features.texts),
                            features.text_image, features.langs, features.skipped)
     return retrieval_by_lang(mapped, k)
+
+
+def heads_from_ridge(model: Any, ridge: RidgeMap, text_features: torch.Tensor) -> None:
+    """Set `model.vision_proj` and `model.text_proj` so the model's cosine scores approximate `ridge`'s retrieval.
+
+    Tuning then starts from the closed-form baseline rather than below it: fresh (or briefly warmed-up)
+    heads on the same frozen features retrieve worse than the ridge map, and the first steps would only
+    climb back to it. `text_features` are the training captions' pooled features (what the text head sees).
+
+    The ridge scores compare normalize(ridge(x) - y_mean) with normalize(normalize(y) - y_mean) in the text
+    width D; the heads project onto P, the top embed_dim principal directions of the centred unit text
+    features (all of them when embed_dim == D, where the scores are the ridge's exactly for texts of
+    constant norm): text_proj(y) = (y / mean_norm - y_mean) @ P and vision_proj(x) = ridge(x) - y_mean
+    projected on P. The heads see raw features, so the text normalization is folded in as a division by
+    the training texts' mean norm (nearly constant for e5-style towers).
+    """
+    vision, text = model.vision_proj, model.text_proj
+    if vision.bias is None or text.bias is None:
+        raise ConfigError("heads_from_ridge needs projection heads with a bias (ModelConfig.head_bias: true): "
+                          "the ridge map centres both images and texts.")
+    (in_width, width), embed_dim = tuple(ridge.weight.shape), text.out_features
+    if (in_width, width) != (vision.in_features, text.in_features):
+        raise ConfigError(f"the ridge map takes {in_width}-wide image features to {width}-wide text features, but "
+                          f"the model's heads take {vision.in_features} and {text.in_features}; fit it on this "
+                          f"model's features (pair_features).")
+    if text_features.dim() != 2 or text_features.shape[1] != width or len(text_features) == 0:
+        raise ConfigError(f"heads_from_ridge needs the training captions' features as a (n, {width}) tensor with "
+                          f"n >= 1; got shape {tuple(text_features.shape)}.")
+    if embed_dim > width:
+        raise ConfigError(f"heads_from_ridge: embed_dim={embed_dim} exceeds the text features' width {width}, "
+                          f"beyond which the ridge scores have no directions; use embed_dim <= {width}.")
+    y = text_features.detach().double().cpu()  # the solve runs on the CPU, like RidgeMap.fit
+    norms = y.norm(dim=-1)
+    y_mean = ridge.y_mean.double().cpu()
+    centred = y / norms.clamp_min(1e-12)[:, None] - y_mean
+    # Right singular vectors of `centred` from the eigenvectors of its D x D Gram matrix (float64): small
+    # whatever the number of captions, and a full basis even when there are fewer captions than D.
+    _, vectors = torch.linalg.eigh(centred.t() @ centred)
+    basis = vectors.flip(-1)[:, :embed_dim]  # eigh sorts ascending
+    mapped = ridge.weight.double().cpu() @ basis  # (in_width, embed_dim)
+    scale, x_mean = ridge.x_scale.double().cpu(), ridge.x_mean.double().cpu()
+    with torch.no_grad():
+        for head, weight, bias in (
+                (text, basis.t() / norms.mean(), -(y_mean @ basis)),
+                (vision, (mapped / scale[:, None]).t(), -((x_mean / scale) @ mapped))):
+            head.weight.copy_(weight.to(head.weight.dtype))
+            head.bias.copy_(bias.to(head.bias.dtype))

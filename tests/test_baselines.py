@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import pytest
 import torch
 import torch.nn.functional as F
 
-from lilt.baselines import RidgeMap, fit_ridge, ridge_retrieval
-from lilt.eval.retrieval import EmbeddedPairs
+import lilt
+from lilt.baselines import RidgeMap, fit_ridge, heads_from_ridge, ridge_retrieval
+from lilt.eval.retrieval import EmbeddedPairs, retrieval_by_lang
 
 
 def _pairs(n: int, seed: int, weight: torch.Tensor, noise: float = 0.05) -> EmbeddedPairs:
@@ -41,3 +45,66 @@ def test_fit_ridge_retrieves_held_out_pairs_and_picks_alpha_on_validation() -> N
     chance = ridge_retrieval(RidgeMap(torch.randn(16, 8), torch.zeros(16), torch.ones(16), torch.zeros(8), 0.0), test)
     assert chance["all"]["i2t/R@1"] < 30
     assert F.normalize(ridge(test.images), dim=-1).shape == (80, 8)
+
+
+def _head_pairs(model, features: EmbeddedPairs) -> EmbeddedPairs:
+    """The features embedded by the model's projection heads (what retrieval with the model compares)."""
+    with torch.no_grad():
+        images, texts = model.vision_proj(features.images), model.text_proj(features.texts)
+    return dataclasses.replace(features, images=F.normalize(images, dim=-1), texts=F.normalize(texts, dim=-1))
+
+
+def _text_like(pairs: EmbeddedPairs, seed: int, spread: float) -> EmbeddedPairs:
+    """Captions moved off-centre along a common direction (as text towers' features are) with norms in
+    [3, 3 + spread]: a constant norm (spread 0) makes folding the normalization into the heads exact."""
+    g = torch.Generator().manual_seed(seed)
+    texts = F.normalize(pairs.texts + 4.0, dim=-1) * (3 + spread * torch.rand(len(pairs.texts), 1, generator=g))
+    return dataclasses.replace(pairs, texts=texts)
+
+
+def test_heads_from_ridge_with_full_width_reproduce_the_ridge_scores(make_model) -> None:
+    model = make_model("vit", embed_dim=32)  # embed_dim == the text width (32): nothing is truncated
+    weight = torch.randn(32, 32, generator=torch.Generator().manual_seed(7))
+    train, test = (_text_like(_pairs(n, seed, weight, noise=2.0), seed, spread=0.0) for n, seed in ((300, 8), (60, 9)))
+    ridge = fit_ridge(train, alphas=(10.0,))
+    heads_from_ridge(model, ridge, train.texts)
+    heads = _head_pairs(model, test)
+    head_scores = heads.images @ heads.texts.t()
+    ridge_scores = ridge.embed_images(test.images) @ ridge.embed_texts(test.texts).t()
+    assert ridge_scores.std() > 0.1, "the comparison needs scores that differ"
+    torch.testing.assert_close(head_scores, ridge_scores, atol=1e-4, rtol=0)
+
+
+def test_heads_from_ridge_with_fewer_dimensions_retrieve_about_as_well_as_the_ridge(make_model) -> None:
+    model = make_model("vit")  # embed_dim 16 < text width 32: heads keep the top 16 principal directions
+    g = torch.Generator().manual_seed(10)
+    # A map whose singular values decay, so most of the text variance lies in a few directions.
+    left, right = (torch.linalg.qr(torch.randn(32, 32, generator=g))[0] for _ in range(2))
+    weight = left @ torch.diag(0.85 ** torch.arange(32.0)) @ right.t()
+    train, test = (_text_like(_pairs(n, seed, weight, noise=0.7), seed, spread=0.2)
+                   for n, seed in ((400, 11), (200, 12)))
+    ridge = fit_ridge(train, alphas=(1.0,))
+    heads_from_ridge(model, ridge, train.texts)
+    got = retrieval_by_lang(_head_pairs(model, test))["all"]
+    bar = ridge_retrieval(ridge, test)["all"]
+    for key in ("i2t/R@1", "t2i/R@1"):
+        assert 50 < bar[key] < 99, "a bar that can be cleared and missed"
+        assert got[key] >= bar[key] - 5, (key, got[key], bar[key])
+    assert model.vision_proj.weight.dtype == torch.float32 and model.text_proj.bias.shape == (16,)
+
+
+def test_heads_from_ridge_refuses_heads_without_bias_and_more_dimensions_than_the_text_width(make_model) -> None:
+    ridge = RidgeMap.fit(torch.randn(50, 32), torch.randn(50, 32))
+    texts = torch.randn(50, 32)
+    for options, message in (({"head_bias": False}, r"needs projection heads with a bias \(ModelConfig.head_bias"),
+                             ({"embed_dim": 33}, r"embed_dim=33 exceeds the text features' width 32")):
+        model = make_model("vit", **options)
+        before = model.text_proj.weight.detach().clone()
+        with pytest.raises(lilt.ConfigError, match=message) as error:
+            lilt.heads_from_ridge(model, ridge, texts)
+        assert "\n" not in str(error.value) and torch.equal(model.text_proj.weight, before)
+    model = make_model("vit")
+    with pytest.raises(lilt.ConfigError, match=r"takes 32-wide image features to 8-wide text features"):
+        heads_from_ridge(model, RidgeMap.fit(torch.randn(50, 32), torch.randn(50, 8)), texts)
+    with pytest.raises(lilt.ConfigError, match=r"as a \(n, 32\) tensor.*got shape \(0, 32\)"):
+        heads_from_ridge(model, ridge, texts[:0])
