@@ -421,6 +421,9 @@ def finalize(tmp: Path, final: Path, state: dict[str, Any], keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+SNAPSHOTS = {"ema": "the moving average", "reference": "the start of tuning (WiSE-FT)", "best": "the best weights"}
+
+
 def save_training_state(loop: Any, output: Path, step: int, steps_per_epoch: int | None) -> Path:
     """A resumable checkpoint at output/checkpoints/step-N: tensors, optimizer, schedule, EMA, RNG, position."""
     acc = loop.acc
@@ -433,17 +436,21 @@ def save_training_state(loop: Any, output: Path, step: int, steps_per_epoch: int
         write_model_files(loop.model, tmp)
         save_optimizer(loop.optimizer, tmp)
         write_json(tmp / "scheduler.json", loop.scheduler.state_dict())
-        if loop.ema is not None:
-            ema = {n: t.detach().contiguous().cpu() for n, t in loop.ema.items()}
-            finite_or_raise(ema, "the moving average")
-            save_file(ema, str(tmp / "ema.safetensors"))
+        for name, what in SNAPSHOTS.items():  # the moving average, WiSE-FT's start, keep_best's best
+            tensors = getattr(loop, name, None)
+            if tensors is not None:
+                tensors = {n: t.detach().contiguous().cpu() for n, t in tensors.items()}
+                finite_or_raise(tensors, what)
+                save_file(tensors, str(tmp / f"{name}.safetensors"))
     acc.wait_for_everyone()
     save_rng(tmp, acc.process_index)
     acc.wait_for_everyone()
     if acc.is_main_process:
         state = {"step": step, "steps_per_epoch": steps_per_epoch, "epoch": loop.epoch, "epoch_begin": loop.epoch_begin,
                  "processes": acc.num_processes, "bad_items": loop.bad.state_dict(),
-                 "nonfinite": loop.nonfinite, "nonfinite_in_a_row": loop.nonfinite_in_a_row}
+                 "nonfinite": loop.nonfinite, "nonfinite_in_a_row": loop.nonfinite_in_a_row,
+                 "best_score": loop.best_score if getattr(loop, "best", None) is not None else None,
+                 "best_step": getattr(loop, "best_step", 0)}
         finalize(tmp, final, state, loop.config.keep_checkpoints)
     acc.wait_for_everyone()
     return final
@@ -465,4 +472,9 @@ def restore_training_state(loop: Any, folder: Path) -> int:
     load_rng(folder, loop.acc.process_index)
     if loop.ema is not None and (folder / "ema.safetensors").is_file():
         loop.ema = {n: t.to(loop.acc.device) for n, t in load_file(str(folder / "ema.safetensors")).items()}
+    for name in ("reference", "best"):  # kept on the CPU, as trainable_state makes them
+        if (folder / f"{name}.safetensors").is_file():
+            setattr(loop, name, load_file(str(folder / f"{name}.safetensors")))
+    if meta.get("best_score") is not None:
+        loop.best_score, loop.best_step = float(meta["best_score"]), int(meta.get("best_step", 0))
     return meta["step"]

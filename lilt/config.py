@@ -332,6 +332,15 @@ class TrainConfig(ConfigBase):
                                    "decay (e.g. 0.99); growth stages may inherit from it")
     head_warmup_batch_size: int | None = knob(None, "batch size of the head warm-up (None: batch_size); larger is "
                                               "cheap there, as only the heads run")
+    head_init: Literal["random", "ridge"] = knob(
+        "random", "'ridge': set the heads from the closed-form ridge map on the frozen features before the head "
+        "warm-up (lilt.baselines.heads_from_ridge), so tuning starts from that baseline rather than below it")
+    keep_best: bool = knob(False, "at each evaluation (eval_every) keep the trainable weights with the best "
+                           "validation mean recall; the run ends with them (early stopping without stopping)")
+    wise_alphas: list[float] | None = knob(
+        None, "WiSE-FT: at the end, move the tuned tensors back toward the start of tuning (after the head "
+        "warm-up), theta_0 + alpha (theta - theta_0), with the alpha of this list that scores best on "
+        "validation (one value: that alpha); None: keep the tuned weights")
     parallel_weight: float = knob(1.0, "weight of the text-to-text alignment term on DataConfig.parallel pairs "
                                   "(target-language embedding toward the pivot's, InfoNCE over the batch)")
     parallel_batch_size: int | None = knob(None, "parallel pairs per step over all processes (None: batch_size)")
@@ -370,7 +379,14 @@ class TrainConfig(ConfigBase):
         fractions = [s.data for s in self.growth if isinstance(s.data, float)]
         if fractions != sorted(fractions):
             raise ConfigError(f"growth stages reveal data cumulatively; their fractions {fractions} must not shrink.")
+        wise = self.wise_alphas
+        if wise is not None and (not wise or not all(0.0 <= a <= 2.0 for a in wise)):
+            raise ConfigError(f"TrainConfig.wise_alphas={self.wise_alphas} must be a non-empty list of numbers in "
+                              "[0, 2] (e.g. [0.25, 0.5, 0.75, 1.0]), or null.")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ConfigError(f"TrainConfig.ema_decay={self.ema_decay} must be in (0, 1).")
+        if self.growth and (self.wise_alphas or self.keep_best):
+            raise ConfigError("wise_alphas and keep_best do not combine with growth stages yet (grown tensors have "
+                              "no start of tuning, and an earlier best has other shapes); drop one of them.")
         if any(s.inherit_from == "ema" for s in self.growth) and self.ema_decay is None:
             raise ConfigError("a growth stage inherits from the EMA (inherit_from: ema); set TrainConfig.ema_decay.")

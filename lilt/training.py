@@ -24,11 +24,12 @@ import datasets
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs, skip_first_batches
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
 from . import checkpoint
 from ._io import write_text
+from .baselines import fit_ridge, heads_from_ridge
 from .config import DataConfig, TrainConfig
 from .data import PairCollator, image_transform, pair_loader
 from .data.bad_items import BadItems
@@ -38,6 +39,7 @@ from .errors import ConfigError, DataError, NonFiniteError
 from .eval.retrieval import EmbeddedPairs, embed_pairs, evaluate_retrieval
 from .finite import FiniteGuard
 from .gradcache import grad_cache_backward, split_inputs
+from .interpolation import interpolate, interpolated, trainable_state
 from .growth.grower import replay_growth
 from .losses import clip_loss, siglip_loss
 from .optim import lr_lambda, make_optimizer, param_groups
@@ -47,6 +49,8 @@ from .supervise import exit_with_parent
 logger = logging.getLogger(__name__)
 
 __all__ = ["TrainResult", "contrastive_loss", "train", "warm_up_heads"]
+
+SCORE = "val/all/mean_recall"  # what keep_best and WiSE-FT's alpha maximize
 
 
 @dataclass
@@ -145,12 +149,15 @@ def train(model: torch.nn.Module, data: Any = None, config: TrainConfig | None =
     collate = PairCollator(image_transform(model.vision.data_config, data_config.augment, train=True),
                            model.tokenize, seed=config.seed)
     parallel = parallel_batches(model, config, data_config, accelerator)
-    if config.head_warmup_epochs and folder is None:
-        warm_up_heads(model, segments[0].data, config, data_config.num_workers, accelerator.is_main_process)
+    if (config.head_warmup_epochs or config.head_init == "ridge") and folder is None:
+        warm_up_heads(model, segments[0].data, config, data_config.num_workers, accelerator.is_main_process,
+                      val=val)
     optimizer = make_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     loop = TrainLoop(accelerator, model, config, data_config, contrastive_loss(config), collate)
     loop.parallel = parallel
+    # WiSE-FT's theta_0: the start of tuning, after the head warm-up (a resume reads it from the checkpoint).
+    loop.reference = trainable_state(model) if config.wise_alphas and folder is None else None
     loop.grown_before = grown_before
     loop.install(model, optimizer, scheduler)
     result = TrainResult(output, 0, model=model)
@@ -201,20 +208,25 @@ def _resume_folder(config: TrainConfig, output: Path) -> Path | None:
 
 
 def warm_up_heads(model: torch.nn.Module, data: datasets.Dataset, config: TrainConfig, num_workers: int = 0,
-                  progress: bool = True, features: EmbeddedPairs | None = None) -> list[float]:
+                  progress: bool = True, features: EmbeddedPairs | None = None, val: Any = None) -> list[float]:
     """Fit the projection heads and temperature by InfoNCE on frozen features of the training pairs (LP-FT).
 
     Kumar et al. (ICLR 2022) show that fine-tuning from a fitted linear head distorts pretrained features
     less than fine-tuning from a random one. The features are computed once, in eval mode, with the plan's
     added modules still at their identity initialization. Every process computes the same thing, so
     the heads agree without communication. Weight decay falls on the head matrices only, as in training.
-    Returns the mean loss of each epoch.
+    With `head_init: ridge` the heads first take the closed-form ridge map's solution (its alpha chosen on
+    `val` when given). Returns the mean loss of each epoch.
     """
     if isinstance(data, datasets.IterableDataset):
         raise ConfigError("head_warmup_epochs needs a map-style dataset (the features are computed once).")
     if features is None:  # `features`: the same, already computed (the demo shares them with its baselines)
         features = embed_pairs(model, data, features=True, batch_size=config.eval_batch_size,
                                num_workers=num_workers)
+    if config.head_init == "ridge":
+        val_features = None if val is None else embed_pairs(
+            model, val, features=True, batch_size=config.eval_batch_size, num_workers=num_workers)
+        heads_from_ridge(model, fit_ridge(features, val=val_features), features.texts)
     images, texts = features.images[features.text_image].to(model.device), features.texts.to(model.device)
     heads = [(n, p) for n, p in model.named_parameters()
              if n.split(".")[0] in ("vision_proj", "text_proj") or n == "logit_scale"]
@@ -256,6 +268,9 @@ class TrainLoop:
         self.ema: dict[str, torch.Tensor] | None = None
         self.grown_before = 0
         self.parallel: ParallelBatches | None = None
+        self.reference: dict[str, torch.Tensor] | None = None  # WiSE-FT's theta_0
+        self.best: dict[str, torch.Tensor] | None = None  # keep_best: the best weights so far, and their score
+        self.best_score, self.best_step = -math.inf, 0
 
     def install(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                 ema: bool = True) -> None:
@@ -373,18 +388,64 @@ class TrainLoop:
         result.nonfinite_steps = self.nonfinite
         result.bad_items = self.bad.total
         result.model = self.model
+        # The last resumable state is the tuned one: a resume from it replays the choices below exactly.
+        checkpoint.save_training_state(self, output, config.steps, None)
         if val is not None:
             final = self.evaluate(val, config.steps)
+            final = self._finish(val, final)
             history.append(final)
             result.metrics = final
             if result.stages:  # the last stage's summary carries the final validation metrics
                 result.stages[-1].update({k: v for k, v in final.items() if k != "step"})
         result.history = history
         self._write_history(output, history)
-        checkpoint.save_training_state(self, output, config.steps, None)
         if acc.is_main_process:
             self.model.save_pretrained(output / "model")
         acc.wait_for_everyone()
+
+    def _finish(self, val: Any, final: dict[str, Any]) -> dict[str, Any]:
+        """keep_best, then WiSE-FT: the end-of-run choices on validation; returns the final metrics."""
+        if self.config.keep_best and self.best is not None:
+            better = self._agree(self.best_score > final.get(SCORE, -math.inf))
+            if better:
+                self._load(self.best)
+                final = {**self.evaluate(val, self.config.steps), "best_step": self.best_step}
+        if self.config.wise_alphas and self.reference is not None:
+            alphas, scores = sorted(set(self.config.wise_alphas)), {}
+            if self.acc.is_main_process:
+                for alpha in alphas:
+                    with interpolated(self.model, alpha, self.reference):
+                        scores[alpha] = self._score(val)
+            best = self._agree(max(alphas, key=lambda a: (scores.get(a, 0.0), a)))
+            interpolate(self.model, best, self.reference)
+            final = {**self.evaluate(val, self.config.steps), "wise_alpha": best,
+                     **{f"wise/{a:g}": v for a, v in scores.items()}}
+        return final
+
+    def _score(self, val: Any) -> float:
+        by_lang = evaluate_retrieval(self.model, val, batch_size=self.config.eval_batch_size,
+                                     num_workers=self.data_config.num_workers)
+        return float(by_lang["all"]["mean_recall"])
+
+    def _agree(self, value: Any) -> Any:
+        """The main process's value, on every process (a choice made where validation ran)."""
+        box = [value]
+        broadcast_object_list(box, from_process=0)
+        return box[0]
+
+    def _load(self, state: dict[str, torch.Tensor]) -> None:
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in state.items():
+                params[name].copy_(tensor)
+
+    def track_best(self, metrics: dict[str, Any], step: int) -> None:
+        """keep_best: remember these weights when their validation score beats every earlier one."""
+        if not self.config.keep_best:
+            return
+        if self._agree(metrics.get(SCORE, -math.inf) > self.best_score):
+            self.best_score, self.best_step = self._agree(metrics.get(SCORE, -math.inf)), step
+            self.best = trainable_state(self.model)
 
     def _stage_summary(self, seg: Segment, val: Any, result: TrainResult, history: list[dict[str, Any]],
                        on_stage_end: Callable | None) -> None:
@@ -423,6 +484,7 @@ class TrainLoop:
                 self._log(step, loss, bar, clock, history)
                 if val is not None and config.eval_every and step % config.eval_every == 0 and step < config.steps:
                     history.append(self.evaluate(val, step))
+                    self.track_best(history[-1], step)
                 if config.save_every and step % config.save_every == 0 and step < config.steps:
                     self._write_history(output, history)
                     checkpoint.save_training_state(self, output, step, steps_per_epoch)
