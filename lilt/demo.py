@@ -67,13 +67,14 @@ def run_demo(out_dir: Path, recipe: str | Path = "recipes/demo.yaml", overrides:
     test_features = pair_features(model, test_data, **workers)
     results = {"untrained": retrieval_by_lang(head_embeddings(model, test_features))}
     train_features = pair_features(model, train_data, **workers)
-    ridge = fit_ridge(train_features, val=pair_features(model, val_data, **workers))
+    val_features = pair_features(model, val_data, **workers)
+    ridge = fit_ridge(train_features, val=val_features)
     results["ridge"] = ridge_retrieval(ridge, test_features)
     print(f"    ridge map fitted (alpha {ridge.alpha:g}) in {time.perf_counter() - start:.0f} s\n")
 
-    if train_config.head_warmup_epochs:  # done here rather than in train() to score the heads on their own
-        warm_up_heads(model, train_data, train_config, features=train_features)
-        train_config = dataclasses.replace(train_config, head_warmup_epochs=0)
+    if train_config.head_warmup_epochs or train_config.head_init == "ridge":  # here, to score the heads alone
+        warm_up_heads(model, train_data, train_config, features=train_features, val=val_features)
+        train_config = dataclasses.replace(train_config, head_warmup_epochs=0, head_init="random")
     results["heads"] = retrieval_by_lang(head_embeddings(model, test_features))
 
     print(f"2/3 training {train_config.steps} steps of batch {train_config.batch_size} ...", flush=True)

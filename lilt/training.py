@@ -224,7 +224,7 @@ def warm_up_heads(model: torch.nn.Module, data: datasets.Dataset, config: TrainC
         features = embed_pairs(model, data, features=True, batch_size=config.eval_batch_size,
                                num_workers=num_workers)
     if config.head_init == "ridge":
-        val_features = None if val is None else embed_pairs(
+        val_features = val if val is None or isinstance(val, EmbeddedPairs) else embed_pairs(
             model, val, features=True, batch_size=config.eval_batch_size, num_workers=num_workers)
         heads_from_ridge(model, fit_ridge(features, val=val_features), features.texts)
     images, texts = features.images[features.text_image].to(model.device), features.texts.to(model.device)
