@@ -10,7 +10,7 @@ are read from the validation split only: `lr` rows score validation, and method 
 Rows are resumable: each finished (row, seed) is a JSON file under benchmarks/results/claims/, and a rerun
 skips it. `--rows` runs a part (names or groups), `--quick` a 20-minute version (fewer steps, one seed).
 
-    python benchmarks/claims.py --quick                 # ridge, heads, lwa and two levers; prints the table
+    python benchmarks/claims.py --quick                 # ridge, heads, lwa, lwa+parallel; prints the table
     python benchmarks/claims.py --rows method,budget    # groups or row names, 3 seeds each
     python benchmarks/claims.py --report                # tables and plot from what is on disk
     python benchmarks/claims.py --list                  # the rows
@@ -188,7 +188,7 @@ class Bench:
         spec = Recipe.from_file(DEMO, [*self.base, *lr, *row.overrides, f"train.seed={seed}",
                                        f"eval.langs=[{', '.join(EVAL_LANGS)}]"])
         if row.plan is not None:
-            spec = dataclasses.replace(spec, plan=TuningPlan.from_file(METHODS / f"{row.plan}.yaml"))
+            spec = dataclasses.replace(spec, plan=TuningPlan.from_recipe(METHODS / f"{row.plan}.yaml"))
         return spec
 
     def run(self, row: Row, seed: int, lrs: dict[str, float]) -> dict[str, Any]:
@@ -437,7 +437,7 @@ def select(names: str | None, quick: bool) -> list[Row]:
     """Rows named (or in the groups named) by --rows; --quick's default set."""
     every = rows()
     if names is None:
-        wanted = ["ridge", "heads", "lwa", "lwa+parallel", "lwa+wise"] if quick else [r.name for r in every]
+        wanted = ["ridge", "heads", "lwa", "lwa+parallel"] if quick else [r.name for r in every]
     else:
         asked = [x.strip() for x in names.split(",") if x.strip()]
         known = {r.name for r in every} | {r.group for r in every}
@@ -451,7 +451,7 @@ def select(names: str | None, quick: bool) -> list[Row]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="60 steps, seed 0, five rows (about 15 minutes)")
+    parser.add_argument("--quick", action="store_true", help="60 steps, seed 0, four rows (about 15 minutes)")
     parser.add_argument("--rows", help="comma-separated row names or groups (method, lr, budget, lever)")
     parser.add_argument("--seeds", help="comma-separated seeds (default 0,1,2; --quick: 0)")
     parser.add_argument("--out", type=Path, default=ROW_DIR, help="where finished rows are kept")
