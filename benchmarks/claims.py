@@ -106,6 +106,8 @@ def rows() -> list[Row]:
         Row("lwa+multilingual", "lever", plan="lwa",
             overrides=(f"data.langs=[en, sw, yo, {', '.join(EXTRA_LANGS)}]",),
             note=f"names of the training emoji in {len(EXTRA_LANGS)} more languages as extra positives"),
+        Row("lwa+balanced", "lever", plan="lwa", overrides=("data.lang_sampling=0.3",),
+            note="language-balanced sampling, p_l ~ n_l^0.3 (XLM-R)"),
         Row("lwa+keywords", "lever", plan="lwa", overrides=("data.options={keywords: true}",),
             note="CLDR keywords as extra captions"),
         Row("lwa+sw150+parallel", "budget", plan="lwa",

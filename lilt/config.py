@@ -183,6 +183,9 @@ class DataConfig(ConfigBase):
                            "shorter than an epoch stops on bad data too")
     allow_outside_root: bool = knob(False, "let a pair table name image files outside its own folder (absolute "
                                     "paths, ../); off, a table cannot make lilt open arbitrary files")
+    lang_sampling: float | None = knob(None, "language-balanced sampling: each epoch draws its rows with language l "
+                                       "at probability proportional to n_l ** alpha (XLM-R: 0.3; 0 = languages "
+                                       "equally, 1 = as the data is); None: a plain shuffle")
     parallel: str | None = knob(None, "parallel text for a text-to-text alignment term: 'builtin:emoji-cldr' (names "
                                 "of training-split emoji, pivot + target language) or a .csv/.jsonl/.parquet table "
                                 "with columns source, target, lang; None: no such term")
@@ -230,6 +233,10 @@ class DataConfig(ConfigBase):
                           "DataConfig.val_source")
         if not 1 <= self.bad_window <= 10_000_000:
             raise ConfigError(f"DataConfig.bad_window={self.bad_window} must be in [1, 10000000].")
+        if self.lang_sampling is not None and not 0.0 <= self.lang_sampling <= 1.0:
+            raise ConfigError(f"DataConfig.lang_sampling={self.lang_sampling} must be in [0, 1] (XLM-R: 0.3), or null.")
+        if self.lang_sampling is not None and self.streaming:
+            raise ConfigError("DataConfig.lang_sampling needs a map-style table; it cannot weight a streamed source.")
         if self.parallel is not None:
             if not self.parallel.strip():
                 raise ConfigError("DataConfig.parallel is empty; name 'builtin:emoji-cldr' or a table (or null).")

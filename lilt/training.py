@@ -32,6 +32,7 @@ from ._io import write_text
 from .baselines import fit_ridge, heads_from_ridge
 from .config import DataConfig, TrainConfig
 from .data import PairCollator, image_transform, pair_loader
+from .data.loader import language_weights
 from .data.bad_items import BadItems
 from .data.parallel import ParallelBatches, load_parallel
 from .data.resolve import resolve_data
@@ -292,7 +293,12 @@ class TrainLoop:
 
     def loader(self, data: Any) -> Any:
         """A prepared loader over one stage's table."""
-        loader = pair_loader(data, self.collate, self.config.batch_size, seed=self.config.seed,
+        alpha = self.data_config.lang_sampling
+        if alpha is not None and "lang" not in getattr(data, "column_names", []):
+            raise DataError("DataConfig.lang_sampling weights languages; this data has no language column "
+                            "(name it with data.lang_column).")
+        weights = language_weights(data["lang"], alpha) if alpha is not None else None
+        loader = pair_loader(data, self.collate, self.config.batch_size, seed=self.config.seed, weights=weights,
                              num_workers=self.data_config.num_workers, pin_memory=self.data_config.pin_memory)
         return self.acc.prepare(loader)
 

@@ -96,3 +96,25 @@ def test_bad_lever_settings_are_one_line_errors() -> None:
         TrainConfig.from_dict({"head_init": "pca"})
     with pytest.raises(ConfigError, match="growth stages"):
         TrainConfig(steps=4, keep_best=True, growth=[GrowthStage(steps=4)])
+
+
+def test_language_balanced_sampling_draws_languages_by_n_to_the_alpha(make_model, tmp_path: Path) -> None:
+    from lilt.data.loader import EpochSampler, language_weights
+
+    langs = ["en"] * 900 + ["sw"] * 100
+    weights = language_weights(langs, 0.3)
+    share = float(weights[900:].sum() / weights.sum())
+    assert share == pytest.approx(100 ** 0.3 / (900 ** 0.3 + 100 ** 0.3))  # 0.34, not the data's 0.10
+    assert float(language_weights(langs, 1.0)[900:].sum() / language_weights(langs, 1.0).sum()) == pytest.approx(0.1)
+    sampler = EpochSampler(1000, seed=5, weights=weights)
+    drawn = [row for _, row in sampler]
+    assert drawn == [row for _, row in sampler]  # the same epoch draws the same rows (exact resume)
+    assert abs(sum(r >= 900 for r in drawn) / 1000 - share) < 0.05
+    sampler.set_epoch(1)
+    assert drawn != [row for _, row in sampler]
+    with pytest.raises(ConfigError, match="lang_sampling=1.5"):
+        DataConfig(lang_sampling=1.5)
+    model = _model(make_model)  # and a run with it trains
+    result = train(model, DataConfig(source="builtin:tiny-random", num_workers=0, options={"n": 48}, lang_sampling=0.0),
+                   _config(tmp_path, steps=3))
+    assert result.steps == 3

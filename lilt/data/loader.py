@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Callable, Iterator, Sequence
 
 import datasets
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
@@ -47,10 +48,11 @@ class StreamedPairs(IterableDataset):
 
 
 class EpochSampler(Sampler):
-    """Yields (epoch, row) keys: a fresh seeded permutation each epoch, or rows in order."""
+    """Yields (epoch, row) keys: a fresh seeded permutation each epoch, rows in order, or weighted draws."""
 
-    def __init__(self, size: int, seed: int = 0, shuffle: bool = True) -> None:
+    def __init__(self, size: int, seed: int = 0, shuffle: bool = True, weights: torch.Tensor | None = None) -> None:
         self.size, self.seed, self.shuffle, self.epoch = size, seed, shuffle, 0
+        self.weights = weights  # per-row sampling weights: an epoch draws `size` rows with replacement
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the permutation (the same for a given seed and epoch on every process)."""
@@ -63,12 +65,22 @@ class EpochSampler(Sampler):
         if not self.shuffle:
             return iter([(self.epoch, i) for i in range(self.size)])
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        if self.weights is not None:
+            rows = torch.multinomial(self.weights, self.size, replacement=True, generator=generator)
+            return iter([(self.epoch, int(i)) for i in rows])
         return iter([(self.epoch, int(i)) for i in torch.randperm(self.size, generator=generator)])
+
+
+def language_weights(langs: Sequence[str], alpha: float) -> torch.Tensor:
+    """Per-row weights drawing language l with probability proportional to n_l ** alpha (XLM-R's sampling)."""
+    _, index, counts = np.unique(np.asarray(list(langs)), return_inverse=True, return_counts=True)
+    per_row = counts.astype(np.float64) ** (alpha - 1.0)  # n_l rows share n_l ** alpha
+    return torch.from_numpy(per_row[index])
 
 
 def pair_loader(data: datasets.Dataset | datasets.IterableDataset, collate: Callable, batch_size: int, *,
                 shuffle: bool = True, drop_last: bool = True, seed: int = 0, num_workers: int = 0,
-                pin_memory: bool = False) -> DataLoader:
+                pin_memory: bool = False, weights: torch.Tensor | None = None) -> DataLoader:
     """A DataLoader over pairs whose collate function decodes, augments and tokenizes."""
     # Each iteration draws the workers' base seed from `generator`: a loader-owned one keeps that draw out of
     # the global RNG (dropout), which a resumed epoch would otherwise advance once more than the run it resumes.
@@ -77,4 +89,4 @@ def pair_loader(data: datasets.Dataset | datasets.IterableDataset, collate: Call
                "drop_last": drop_last, "generator": torch.Generator().manual_seed(seed)}
     if isinstance(data, datasets.IterableDataset):
         return DataLoader(StreamedPairs(data, seed=seed) if shuffle else StreamedPairs(data, 0, seed), **options)
-    return DataLoader(PairTable(data), sampler=EpochSampler(len(data), seed, shuffle), **options)
+    return DataLoader(PairTable(data), sampler=EpochSampler(len(data), seed, shuffle, weights), **options)
