@@ -426,7 +426,8 @@ def plot(summary: dict[str, Any], path: Path) -> Path | None:
                    label="lwa + parallel text")
     right.set_xlabel("Swahili image-caption pairs (all = every training emoji)")
     right.set_ylabel("test Swahili R@1 image->text, %")
-    right.legend()
+    if right.get_legend_handles_labels()[0]:  # the budget rows may not have run yet
+        right.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
