@@ -224,7 +224,10 @@ class Bench:
         train_features = self.frozen.of(train_data)
         val_features = self.frozen.of(val_data)
         warm_up_heads(model, train_data, config, progress=False, features=train_features, val=val_features)
-        if row.kind == "heads":
+        if row.kind == "heads":  # only the heads and the temperature trained
+            heads = sum(p.numel() for n, p in model.named_parameters()
+                        if n.split(".")[0] in ("vision_proj", "text_proj", "logit_scale"))
+            result["trainable_percent"] = 100.0 * heads / sum(p.numel() for p in model.parameters())
             result.update(val=head_retrieval(model, val_features)["all"],
                           test=_r1(head_retrieval(model, self.frozen.of(self.test))),
                           train_split=_r1(head_retrieval(model, self.frozen.of(self.train_sample))),
