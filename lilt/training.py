@@ -40,7 +40,7 @@ from .errors import ConfigError, DataError, NonFiniteError
 from .eval.retrieval import EmbeddedPairs, embed_pairs, evaluate_retrieval
 from .finite import FiniteGuard
 from .gradcache import grad_cache_backward, split_inputs
-from .interpolation import interpolate, interpolated, trainable_state
+from .interpolation import choose_alpha, interpolate, trainable_state
 from .growth.grower import replay_growth
 from .losses import clip_loss, siglip_loss
 from .optim import lr_lambda, make_optimizer, param_groups
@@ -417,13 +417,13 @@ class TrainLoop:
                 self._load(self.best)
                 final = {**self.evaluate(val, self.config.steps), "best_step": self.best_step}
         if self.config.wise_alphas and self.reference is not None:
-            alphas, scores = sorted(set(self.config.wise_alphas)), {}
-            if self.acc.is_main_process:
-                for alpha in alphas:
-                    with interpolated(self.model, alpha, self.reference):
-                        scores[alpha] = self._score(val)
-            best = self._agree(max(alphas, key=lambda a: (scores.get(a, 0.0), a)))
-            interpolate(self.model, best, self.reference)
+            best, scores = 1.0, {}
+            if self.acc.is_main_process:  # validation runs there; choose_alpha leaves this copy at the best
+                best, scores = choose_alpha(self.model, self.reference, lambda _: self._score(val),
+                                            sorted(set(self.config.wise_alphas)))
+            best = self._agree(best)
+            if not self.acc.is_main_process:
+                interpolate(self.model, best, self.reference)
             final = {**self.evaluate(val, self.config.steps), "wise_alpha": best,
                      **{f"wise/{a:g}": v for a, v in scores.items()}}
         return final
@@ -449,8 +449,9 @@ class TrainLoop:
         """keep_best: remember these weights when their validation score beats every earlier one."""
         if not self.config.keep_best:
             return
-        if self._agree(metrics.get(SCORE, -math.inf) > self.best_score):
-            self.best_score, self.best_step = self._agree(metrics.get(SCORE, -math.inf)), step
+        score = self._agree(metrics.get(SCORE, -math.inf))  # only the main process evaluated
+        if score > self.best_score:
+            self.best_score, self.best_step = score, step
             self.best = trainable_state(self.model)
 
     def _stage_summary(self, seg: Segment, val: Any, result: TrainResult, history: list[dict[str, Any]],
