@@ -118,6 +118,12 @@ def rows() -> list[Row]:
             note="the two levers that won on validation, together"),
         Row("lwa+keywords", "lever", plan="lwa", overrides=("data.options={keywords: true}",),
             note="CLDR keywords as extra captions"),
+        Row("lwa+crop", "lever", plan="lwa", overrides=("data.augment=crop",),
+            note="crops without the demo's flips (a mirrored 'left arrow' is a wrong caption)"),
+        Row("lwa+style", "lever", plan="lwa", overrides=("data.augment=style",),
+            note="drawing-style augmentation: strokes, edges, blur, posterize, light colour; no flip or hue"),
+        Row("lwa+randaugment", "lever", plan="lwa", overrides=("data.augment=randaugment",),
+            note="timm RandAugment m9 n2 (flips, colour inversions)"),
         Row("lwa+sw150+parallel", "budget", plan="lwa",
             overrides=("data.pairs_per_lang={sw: 150, yo: 150}", *parallel), note="150 sw image pairs + parallel"),
     ]

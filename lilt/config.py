@@ -172,8 +172,9 @@ class DataConfig(ConfigBase):
     max_pairs: int | None = knob(None, "use at most this many training pairs")
     options: dict = knob({}, "options of a builtin source (emoji-cldr: keywords, val_fraction, test_fraction)")
     streaming: bool = knob(False, "stream the source instead of reading it into a table (webdataset always streams)")
-    augment: Literal["none", "crop-flip", "randaugment", "stacked-randaugment"] = knob(
-        "crop-flip", "training augmentation on top of the tower's eval transform")
+    augment: Literal["none", "crop-flip", "crop", "style", "randaugment", "stacked-randaugment"] = knob(
+        "crop-flip", "training augmentation on top of the tower's eval transform (crop: no flip; style: drawing "
+        "style - strokes, edges, blur, posterize, light colour - without flips or hue shifts)")
     num_workers: int = knob(2, "DataLoader worker processes per training process")
     pin_memory: bool = knob(True, "pin host memory for faster copies to the GPU (ignored on CPU)")
     max_bad_fraction: float = knob(0.01, "stop when more than this fraction of an epoch's items are unreadable "

@@ -130,7 +130,7 @@ def test_load_labelled_keeps_integer_ids_and_aligns_a_test_split_to_training_nam
         load_labelled("builtin:tiny-random")
 
 
-@pytest.mark.parametrize("augment", ["crop-flip", "randaugment", "stacked-randaugment"])
+@pytest.mark.parametrize("augment", ["crop-flip", "crop", "style", "randaugment", "stacked-randaugment"])
 def test_no_augmentation_preset_fails_on_a_valid_image(augment: str) -> None:
     # The earlier stacked preset's posterize kept 0 bits at its top magnitude, which Pillow refuses.
     transform = image_transform(DATA_CONFIG, augment)
@@ -139,6 +139,25 @@ def test_no_augmentation_preset_fails_on_a_valid_image(augment: str) -> None:
         image = Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8))
         with _seeded_for_test(seed):
             assert transform(image).shape == (3, 16, 16)
+
+
+@pytest.mark.parametrize("augment", ["crop", "style"])
+def test_meaning_preserving_presets_never_mirror_nor_shift_hue(augment: str) -> None:
+    # Red on the left, blue on the right: a mirror swaps them, a hue shift or grayscale loses them.
+    half = np.zeros((32, 32, 3), dtype=np.uint8)
+    half[:, :16, 0], half[:, 16:, 2] = 220, 220
+    transform = image_transform({**DATA_CONFIG, "input_size": (3, 32, 32)}, augment)
+    flipping = image_transform({**DATA_CONFIG, "input_size": (3, 32, 32)}, "crop-flip")
+    mirrored = 0
+    for seed in range(40):
+        with _seeded_for_test(seed):
+            out = transform(Image.fromarray(half))
+        with _seeded_for_test(seed):
+            flipped = flipping(Image.fromarray(half))
+        mirrored += int(flipped[0, :, :8].mean() < flipped[2, :, :8].mean())
+        left, right = out[:, :, :10].mean(dim=(1, 2)), out[:, :, -10:].mean(dim=(1, 2))
+        assert left[0] > left[2] and right[2] > right[0], (seed, left, right)
+    assert mirrored > 5  # the flipping preset does mirror: the assertion above can fail
 
 
 def _seeded_for_test(seed: int):

@@ -18,7 +18,7 @@ import timm.data
 import torch
 from PIL import Image
 
-AUGMENTATIONS = ("none", "crop-flip", "randaugment", "stacked-randaugment")
+AUGMENTATIONS = ("none", "crop-flip", "crop", "style", "randaugment", "stacked-randaugment")
 # timm auto-augment strings: RandAugment with 2 ops at magnitude 9 (timm's ImageNet default), and
 # a stronger stacked variant (3 ops at timm's top magnitude) after Scaling Down CLIP's "stacked RA".
 # Not the "inc1" op set: its posterize keeps 0 bits near the top magnitude, which Pillow >= 11 refuses
@@ -33,9 +33,44 @@ def image_transform(data_config: Mapping[str, Any], augment: str = "none", train
     config = dict(data_config)
     if not train or augment == "none":
         return timm.data.create_transform(**config, is_training=False)
+    if augment == "style":
+        return _style_transform(config)
+    # "crop" drops the flip: a mirrored "left arrow" or "person walking facing right" is a wrong caption.
     return timm.data.create_transform(
-        **config, is_training=True, hflip=0.5, color_jitter=None, re_prob=0.0,
-        auto_augment=_RAND_AUGMENT.get(augment), scale=(0.5, 1.0) if augment == "crop-flip" else (0.08, 1.0))
+        **config, is_training=True, hflip=0.0 if augment == "crop" else 0.5, color_jitter=None, re_prob=0.0,
+        auto_augment=_RAND_AUGMENT.get(augment), scale=(0.5, 1.0) if augment in ("crop-flip", "crop") else (0.08, 1.0))
+
+
+class _Filter:
+    """A PIL ImageFilter as a transform (torchvision has no stroke-width or edge ops)."""
+
+    def __init__(self, make: Callable[[], Any]) -> None:
+        self.make = make
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        return image.filter(self.make())
+
+
+def _style_transform(config: Mapping[str, Any]) -> Callable:
+    """Changes of drawing style, not of meaning: stroke width, edges, blur, posterize, light colour shifts.
+
+    No flip (direction is part of many names) and no hue shift or grayscale (colour is part of many
+    names: "red heart", "green apple"); small rotations and rescales on the white canvas the images have.
+    """
+    from PIL import ImageFilter
+    from torchvision import transforms as T
+
+    strokes = T.RandomChoice([_Filter(lambda: ImageFilter.MinFilter(3)), _Filter(lambda: ImageFilter.MaxFilter(3)),
+                              _Filter(lambda: ImageFilter.EDGE_ENHANCE_MORE), _Filter(lambda: ImageFilter.SMOOTH_MORE),
+                              _Filter(lambda: ImageFilter.DETAIL)])
+    style = T.Compose([
+        T.RandomAffine(degrees=10, translate=(0.08, 0.08), scale=(0.75, 1.05), fill=(255, 255, 255)),
+        T.RandomApply([strokes], p=0.5),
+        T.RandomApply([T.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.4)], p=0.8),
+        T.RandomPosterize(bits=3, p=0.2),
+        T.RandomApply([T.GaussianBlur(5, sigma=(0.1, 1.5))], p=0.2),
+    ])
+    return T.Compose([style, timm.data.create_transform(**config, is_training=False)])
 
 
 def decode_image(value: Any) -> Image.Image:

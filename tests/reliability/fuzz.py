@@ -309,7 +309,7 @@ WRONG_TYPES = {
 # Enumerations: every accepted value (valid) and a misspelling of one (invalid, with a did-you-mean).
 ENUMS = {
     "model.text.pooling": ["auto", "cls", "mean"],
-    "data.augment": ["none", "crop-flip", "randaugment", "stacked-randaugment"],
+    "data.augment": ["none", "crop-flip", "crop", "style", "randaugment", "stacked-randaugment"],
     "train.accumulation": ["gradcache", "plain"],
     "train.schedule": ["cosine", "linear", "constant"],
     "train.mixed_precision": ["auto", "no", "bf16"],
