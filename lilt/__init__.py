@@ -26,6 +26,7 @@ _EXPORTS = {
     "LiltError": "lilt.errors",
     "CheckpointError": "lilt.errors",
     "NonFiniteError": "lilt.errors",
+    "HubError": "lilt.errors",
     "BackboneMismatchError": "lilt.errors",
     "Recipe": "lilt.recipe",
     "TuningPlan": "lilt.recipe",

@@ -219,8 +219,13 @@ def test_push_uploads_the_folder(model, tmp_path: Path, monkeypatch, capsys: pyt
     api = FakeApi()
     monkeypatch.setattr(huggingface_hub, "HfApi", lambda: api)
     path = model.save_pretrained(tmp_path / "m")
-    assert main(["push", "--model", str(path), "--repo", "someone/tiny-lilt", "--private"]) == 0
+    (tmp_path / "eval").mkdir()  # `lilt eval --out eval` results go on the card before the upload
+    (tmp_path / "eval" / "eval.json").write_text(json.dumps(
+        [{"dataset": "builtin:tiny-random:test", "model": "m", "language": "yo", "metrics": {"i2t/R@1": 33.0}}]))
+    args = ["push", "--model", str(path), "--repo", "someone/tiny-lilt", "--private", "--eval", str(tmp_path / "eval")]
+    assert main(args) == 0
     assert "https://huggingface.co/someone/tiny-lilt/commit/abc" in capsys.readouterr().out
+    assert "| yo | 33.0 |" in (path / CARD_NAME).read_text()
     assert api.calls[0] == ("create_repo", "someone/tiny-lilt", {"private": True, "exist_ok": True})
     kind, upload = api.calls[1]
     assert kind == "upload_folder" and upload["repo_id"] == "someone/tiny-lilt"
