@@ -144,6 +144,22 @@ def test_saving_again_replaces_lilts_card_but_keeps_a_persons(model, tmp_path: P
     assert MARKER not in (path / CARD_NAME).read_text()
 
 
+def test_a_card_that_cannot_be_built_leaves_the_previous_folder_whole(model, tmp_path: Path, monkeypatch) -> None:
+    import lilt.checkpoint
+
+    path = model.save_pretrained(tmp_path / "m", training=TRAINING)
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(lilt.checkpoint, "build_card", broken)
+    with pytest.raises(OSError, match="disk full"):
+        model.save_pretrained(path)
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before  # weights, config and card together
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no temporary folder left behind"
+
+
 def test_license_comes_from_the_backbones_cards(tiny_dirs, tmp_path: Path) -> None:
     for name in ("vit", "bert"):
         shutil.copytree(tiny_dirs[name], tmp_path / name)
