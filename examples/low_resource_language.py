@@ -29,7 +29,7 @@ def main(output_dir: str, steps: int) -> None:
                                             vision_options={"image_size": 160}, init_temperature=0.1,
                                             min_temperature=0.1)
     # 2. LilT's plan: small adapters in every block plus all norm layers, both towers (~2% of the weights).
-    lilt.apply_plan(model, "recipes/methods/lwa.yaml")
+    lilt.apply_plan(model, "lwa")  # a built-in recipe (`lilt recipes`), or a YAML file
     print(f"{lilt.budget(model).trainable:,} trainable parameters ({lilt.budget(model).percent:.2f}%)")
 
     # 3. Built-in real data: emoji images with their Unicode CLDR names. All English training names plus

@@ -2,7 +2,7 @@
 
     import lilt
     model = lilt.DualEncoder.from_backbones("packaged:efficientnet-lite0", "packaged:multilingual-e5-small")
-    lilt.apply_plan(model, "recipes/methods/lwa.yaml")
+    lilt.apply_plan(model, "lwa")  # a built-in recipe (`lilt recipes`), or a YAML file
     print(lilt.budget(model))
     lilt.train(model, "builtin:emoji-cldr", lilt.TrainConfig(steps=200, batch_size=32))
     print(lilt.evaluate_retrieval(model, lilt.load_pairs("builtin:emoji-cldr:test", langs=["en", "sw"])))
@@ -26,6 +26,7 @@ _EXPORTS = {
     "LiltError": "lilt.errors",
     "CheckpointError": "lilt.errors",
     "NonFiniteError": "lilt.errors",
+    "HubError": "lilt.errors",
     "BackboneMismatchError": "lilt.errors",
     "Recipe": "lilt.recipe",
     "TuningPlan": "lilt.recipe",

@@ -5,6 +5,7 @@ Two kinds of folder:
   `lilt_config.json` naming the backbones (and their hashes), the plan, the growth history and the heads.
   The weights' safetensors metadata records a hash of the config's behaviour-defining fields, so an
   edited config (pooling, prefix, dims, plan) is refused instead of silently computing something else.
+  A `README.md` model card (lilt.hub) is written beside them; loading never reads it.
 - a resumable training state (`output/checkpoints/step-N`): the model files plus optimizer, scheduler,
   EMA, per-process RNG states and the data position, with `manifest.json` listing every file's sha256,
   written last. A folder whose manifest is missing or does not match is skipped (with a warning) in
@@ -38,7 +39,8 @@ from .config import ModelConfig
 from .errors import BackboneMismatchError, CheckpointError, ConfigError, NonFiniteError
 from .growth.grower import replay_growth
 from .growth.ops import GrowthOp
-from .plan import apply_plan
+from .hub import build_card, write_card
+from .plan import apply_plan, budget
 from .recipe import TuningPlan
 from .towers.text import text_weights_sha256
 from .towers.vision import vision_weights_sha256
@@ -115,8 +117,9 @@ def write_model_files(model: Any, folder: Path) -> dict[str, Any]:
     return manifest
 
 
-def write_model(model: Any, path: str | Path) -> Path:
-    """Save a model folder: built under a temporary name, then swapped in (the old one survives any failure)."""
+def write_model(model: Any, path: str | Path, training: Mapping[str, Any] | None = None) -> Path:
+    """Save a model folder with its model card: built under a temporary name, then swapped in (the old one survives
+    any failure). `training` (lilt.hub.training_summary) adds the data and final validation metrics to the card."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     recover_dir(path)
@@ -125,13 +128,15 @@ def write_model(model: Any, path: str | Path) -> Path:
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        write_model_files(model, tmp)
+        manifest = write_model_files(model, tmp)
         if path.is_dir():  # keep what else the folder holds (a README, an eval report), never our own files
             for item in path.iterdir():
                 if item.name not in (CONFIG_NAME, WEIGHTS_NAME) and not item.name.startswith("."):
                     (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
         elif path.exists():
             raise CheckpointError(f"{path} exists and is not a folder; save_pretrained needs a folder path.")
+        # After the copy: lilt's earlier card is replaced, a README a person wrote is kept (write_card decides).
+        write_card(tmp, build_card(manifest, budget=budget(model), training=training))
         swap_dir(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

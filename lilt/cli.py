@@ -1,4 +1,4 @@
-"""`lilt` command line: info | train | grow | eval | embed | search | report | demo."""
+"""`lilt` command line: info | train | grow | eval | embed | search | report | demo | recipes | push."""
 
 from __future__ import annotations
 
@@ -25,9 +25,10 @@ def cmd_info(args: argparse.Namespace) -> int:
                 print(f"{'':<12}{name}: {text}")
         return 0
     if not args.recipe:
-        raise ConfigError("lilt info needs --recipe FILE (e.g. recipes/methods/lwa.yaml), or --methods.")
+        raise ConfigError("lilt info needs --recipe NAME|FILE (e.g. lwa; `lilt recipes` lists them), or --methods.")
+    plan = lilt.TuningPlan.from_recipe(args.recipe)  # a misspelt name fails before the backbones load
     model = lilt.DualEncoder.from_backbones(args.vision, args.text)
-    lilt.apply_plan(model, args.recipe)
+    lilt.apply_plan(model, plan)
     report = lilt.budget(model)
     if args.json:
         out = report.to_dict()
@@ -172,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("info", help="budget table of a recipe's plan on the given backbones")
-    info.add_argument("--recipe", help="YAML/JSON recipe with a plan: section")
+    info.add_argument("--recipe", help="built-in recipe name (`lilt recipes`) or YAML/JSON file with a plan: section")
     info.add_argument("--vision", default=DEFAULT_VISION, help=f"vision backbone (default {DEFAULT_VISION})")
     info.add_argument("--text", default=DEFAULT_TEXT, help=f"text backbone (default {DEFAULT_TEXT})")
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -180,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=cmd_info)
 
     train = sub.add_parser("train", help="train a recipe (also under `accelerate launch -m lilt.cli train`)")
-    train.add_argument("--recipe", required=True, help="YAML/JSON recipe with model/plan/train/data sections")
+    train.add_argument("--recipe", required=True, help="built-in recipe name (`lilt recipes`) or YAML/JSON file "
+                       "with model/plan/train/data sections")
     train.add_argument("--output-dir", help="overrides train.output_dir")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                        help="recipe overrides, e.g. train.steps=200 data.langs=[en,sw] model.vision.image_size=128")
@@ -233,10 +235,80 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="end-to-end run on the packaged backbones (offline)")
     demo.add_argument("--output-dir", default="demo-out", help="results, plot and model (default demo-out)")
-    demo.add_argument("--recipe", default="recipes/demo.yaml", help="the demo's recipe (default recipes/demo.yaml)")
+    demo.add_argument("--recipe", default="demo", help="the demo's recipe: a name or file (default: built-in demo)")
     demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. train.steps=50")
     demo.set_defaults(func=cmd_demo)
+    add_publishing_commands(sub)
     return parser
+
+
+# -- built-in recipes and publishing (lilt recipes, lilt push) -------------------------------------
+def cmd_recipes(args: argparse.Namespace) -> int:
+    """List the built-in recipes (name, kind, sections, description), or print one to copy and edit."""
+    from .configbase import read_mapping
+    from .recipe import NOT_RECIPES, RECIPES_DIR, builtin_recipes, resolve_recipe
+
+    if args.name:
+        print(resolve_recipe(args.name).read_text(encoding="utf-8"), end="")
+        return 0
+    rows = []
+    for name, path in builtin_recipes().items():
+        data = read_mapping(path)
+        plan = data.get("plan") if isinstance(data.get("plan"), dict) else {}
+        plan_only = set(data) == {"plan"}  # a method's recipe: its plan's description says it all
+        rows.append((name, path.parent.name if path.parent != RECIPES_DIR else "demo", "+".join(data),
+                     (plan_only and plan.get("description")) or _first_comment(path)))
+    width = max(len(r[0]) for r in rows) + 2
+    for name, kind, sections, description in sorted(rows, key=lambda r: (r[1], r[0])):
+        print(f"{name:<{width}}{kind:<14}{sections:<28}{description}")
+    extra = sorted(p for folder in NOT_RECIPES for p in (RECIPES_DIR / folder).glob("*.yaml"))
+    if extra:
+        print("\naccelerate launch configs (accelerate launch --config_file PATH -m lilt.cli train --recipe NAME):")
+        print("\n".join(f"  {p}" for p in extra))
+    return 0
+
+
+def _first_comment(path: Path, width: int = 90) -> str:
+    """The first sentence of a recipe's opening comment (the situation it is for), cut to `width` characters."""
+    comment = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#"):
+            break
+        comment.append(line.lstrip("#").strip())
+    sentence = " ".join(comment).split(". ")[0].rstrip(".")
+    return sentence if len(sentence) <= width else sentence[:width - 3].rstrip() + "..."
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    """Upload a saved model folder (with its model card) to the Hugging Face Hub."""
+    from .checkpoint import check_weights, read_manifest
+    from .hub import push_folder, update_card_evaluation
+
+    check_weights(Path(args.model), read_manifest(args.model))  # never publish a damaged or edited checkpoint
+    if args.eval:
+        file = Path(args.eval) / "eval.json" if Path(args.eval).is_dir() else Path(args.eval)
+        try:
+            rows = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"--eval {args.eval}: cannot read eval.json rows ({err}); give `lilt eval --out`'s "
+                              "folder or its eval.json.") from None
+        print(f"model card evaluation updated: {update_card_evaluation(args.model, rows)}")
+    print(f"pushed {args.model} to {args.repo}: {push_folder(args.model, args.repo, private=args.private)}")
+    return 0
+
+
+def add_publishing_commands(sub: Any) -> None:
+    """The `recipes` and `push` subcommands."""
+    recipes = sub.add_parser("recipes", help="list the built-in recipes (use a name wherever a recipe is asked for)")
+    recipes.add_argument("name", nargs="?", help="print this recipe's YAML (to copy and edit)")
+    recipes.set_defaults(func=cmd_recipes)
+    push = sub.add_parser("push", help="upload a saved model folder and its model card to the Hugging Face Hub")
+    push.add_argument("--model", required=True, help="a folder written by save_pretrained / lilt train")
+    push.add_argument("--repo", required=True, help="the Hub repo id, USER/NAME (created if missing)")
+    push.add_argument("--private", action="store_true", help="create the repo as private")
+    push.add_argument("--eval", help="first put these `lilt eval` results (its --out folder or eval.json) on the "
+                      "model card")
+    push.set_defaults(func=cmd_push)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -42,7 +42,7 @@ def head_embeddings(model: DualEncoder, features: EmbeddedPairs) -> EmbeddedPair
     return EmbeddedPairs(images, texts, features.text_image, features.langs, features.skipped)
 
 
-def run_demo(out_dir: Path, recipe: str | Path = "recipes/demo.yaml", overrides: Sequence[str] = ()) -> int:
+def run_demo(out_dir: Path, recipe: str | Path = "demo", overrides: Sequence[str] = ()) -> int:
     """Baselines, training and the before/after table on builtin:emoji-cldr; writes results, plot, checkpoint."""
     start = time.perf_counter()
     spec = Recipe.from_file(recipe, [*overrides, f"train.output_dir={out_dir}"])

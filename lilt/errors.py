@@ -32,6 +32,10 @@ class BackboneMismatchError(CheckpointError):
     """A checkpoint is loaded onto backbone weights other than the ones it was trained on."""
 
 
+class HubError(LiltError, RuntimeError):
+    """The Hugging Face Hub cannot be reached, or refuses an upload (offline, not logged in, no access)."""
+
+
 class NonFiniteError(LiltError, FloatingPointError):
     """Training produced non-finite values (loss, weights or BatchNorm statistics) and could not go on."""
 

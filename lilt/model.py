@@ -160,10 +160,11 @@ class DualEncoder(nn.Module):
             out[key] = tensor
         return out
 
-    def save_pretrained(self, path: str | Path) -> Path:
-        """Write model.safetensors (trainable/added tensors only) and lilt_config.json; the old folder survives
-        any failure (the new one is built aside and swapped in)."""
-        return checkpoint.write_model(self, path)
+    def save_pretrained(self, path: str | Path, training: Mapping[str, Any] | None = None) -> Path:
+        """Write model.safetensors (trainable/added tensors only), lilt_config.json and a README.md model card;
+        the old folder survives any failure (the new one is built aside and swapped in). `training`
+        (lilt.hub.training_summary) puts the run's data and final validation metrics on the card."""
+        return checkpoint.write_model(self, path, training)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, vision: str | None = None, text: str | None = None,

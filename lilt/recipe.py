@@ -1,6 +1,7 @@
 """A recipe: one YAML/JSON file with the sections of a run, parsed once for the CLI, the demo and the API.
 
-    recipe = Recipe.from_file("recipes/methods/lwa.yaml", ["train.steps=200"])
+    recipe = Recipe.from_file("lwa", ["train.steps=200"])          # a built-in recipe, by name
+    recipe = Recipe.from_file("my-recipe.yaml", ["train.steps=200"])  # or any file
     recipe.model, recipe.plan, recipe.data, recipe.train, recipe.eval, recipe.init
 
 Sections: `model` (backbones and heads), `plan` (which parameters train), `data`, `train`, `eval`
@@ -8,6 +9,8 @@ Sections: `model` (backbones and heads), `plan` (which parameters train), `data`
 section or key anywhere is an error naming the file, the key and the closest accepted spelling.
 Torch-free: a recipe is fully checked before torch, timm or transformers load (method options are
 checked against the method registry, which loads torch only when a plan names a method).
+Built-in recipes ship inside the package (`lilt/recipes/<kind>/<name>.yaml`; `recipes/` at the
+repository root is a link to them) and are named by their file's stem: `lilt recipes` lists them.
 """
 
 from __future__ import annotations
@@ -19,6 +22,37 @@ from typing import Any, ClassVar, Literal, Mapping, Sequence
 from .config import DataConfig, ModelConfig, TrainConfig
 from .configbase import ConfigBase, apply_overrides, knob, read_mapping
 from .errors import ConfigError, did_you_mean
+
+RECIPES_DIR = Path(__file__).with_name("recipes")
+# Accelerate launch configs ship beside the recipes but are not lilt recipes: no name resolves to them.
+NOT_RECIPES = ("accelerate",)
+
+
+def builtin_recipes() -> dict[str, Path]:
+    """The shipped recipes by name (the file's stem), e.g. {'lwa': .../lilt/recipes/methods/lwa.yaml}."""
+    found: dict[str, Path] = {}
+    for path in sorted(RECIPES_DIR.rglob("*.yaml")):
+        if path.relative_to(RECIPES_DIR).parts[0] not in NOT_RECIPES:
+            found.setdefault(path.stem, path)  # stems are unique (a test holds us to it)
+    return found
+
+
+def resolve_recipe(spec: str | Path) -> Path:
+    """The file a recipe argument means: an existing file, else a built-in recipe name (`lwa`, `demo`)."""
+    path = Path(spec)
+    if path.is_file() or path.is_dir():  # a path wins: read_mapping reports a folder clearly
+        return path
+    builtin = builtin_recipes()
+    if str(spec) in builtin:
+        return builtin[str(spec)]
+    parts = path.parts
+    if len(parts) > 1 and parts[0] == "recipes" and (RECIPES_DIR.joinpath(*parts[1:])).is_file():
+        return RECIPES_DIR.joinpath(*parts[1:])  # the repository's recipes/... spelling, from any folder
+    if len(parts) > 1 or path.suffix in (".yaml", ".yml", ".json"):
+        return path  # meant as a file: read_mapping says it does not exist
+    raise ConfigError(f"unknown recipe {str(spec)!r}: no such file, and not a built-in recipe name."
+                      f"{did_you_mean(str(spec), builtin)} Built-in: {', '.join(sorted(builtin))} "
+                      "(`lilt recipes` describes them); or give a path to a YAML/JSON recipe.")
 
 
 def _methods() -> Any:
@@ -62,7 +96,7 @@ class TuningPlan(ConfigBase):
 
     @classmethod
     def from_recipe(cls, path: str | Path, overrides: Sequence[str] = ()) -> "TuningPlan":
-        """The `plan:` section of a YAML/JSON recipe (the whole recipe is checked)."""
+        """The `plan:` section of a YAML/JSON recipe or built-in recipe name (the whole recipe is checked)."""
         plan = Recipe.from_file(path, overrides).plan
         if plan is None:
             raise ConfigError(f"{path}: no 'plan:' section; a recipe needs one (a list of rules under plan.rules).")
@@ -153,7 +187,8 @@ class Recipe(ConfigBase):
 
     @classmethod
     def from_file(cls, path: str | Path, overrides: Sequence[str] = ()) -> "Recipe":
-        """Read a YAML/JSON recipe and apply KEY=VALUE overrides (e.g. train.steps=200)."""
+        """Read a YAML/JSON recipe (or a built-in one by name) and apply KEY=VALUE overrides (e.g. train.steps=200)."""
+        path = resolve_recipe(path)
         data = apply_overrides(read_mapping(path), overrides)
         return cls.from_dict(data, where=str(path))
 

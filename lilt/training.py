@@ -42,6 +42,7 @@ from .finite import FiniteGuard
 from .gradcache import grad_cache_backward, split_inputs
 from .interpolation import choose_alpha, interpolate, trainable_state
 from .growth.grower import replay_growth
+from .hub import training_summary
 from .losses import clip_loss, siglip_loss
 from .optim import lr_lambda, make_optimizer, param_groups
 from .staged import Segment, grow_stage, needs_growth, stage_segments
@@ -406,7 +407,8 @@ class TrainLoop:
         result.history = history
         self._write_history(output, history)
         if acc.is_main_process:
-            self.model.save_pretrained(output / "model")
+            summary = training_summary(self.data_config, config, segments[-1].data, result.metrics)
+            self.model.save_pretrained(output / "model", training=summary)
         acc.wait_for_everyone()
 
     def _finish(self, val: Any, final: dict[str, Any]) -> dict[str, Any]:
