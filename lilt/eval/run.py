@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 from ..errors import ConfigError
 
@@ -17,8 +17,13 @@ EMOJI = "builtin:emoji-cldr"
 def run_eval(model: Any, data: str, out: str | Path, *, task: Task = "retrieval", langs: Sequence[str] | None = None,
              classnames: str | Path | None = None, templates: str | Path | None = None, train_data: str | None = None,
              label_column: str = "label", batch_size: int = 256, num_workers: int = 0,
-             model_name: str | None = None, split: str | None = None) -> tuple[list[dict[str, Any]], dict[str, Path]]:
-    """Evaluate `model` (a DualEncoder or a saved folder) on `data`; write eval.{json,md,png} under `out`."""
+             model_name: str | None = None, split: str | None = None,
+             columns: Mapping[str, str] | None = None) -> tuple[list[dict[str, Any]], dict[str, Path]]:
+    """Evaluate `model` (a DualEncoder or a saved folder) on `data`; write eval.{json,md,png} under `out`.
+
+    `columns`: load_pairs' image_column/text_column/lang_column for a table whose columns are named otherwise.
+    Retrieval groups a table's rows by image, so one row per caption scores as one image with many captions.
+    """
     import lilt
     from ..data import load_labelled, load_pairs
     from .report import report_rows, write_report
@@ -28,8 +33,8 @@ def run_eval(model: Any, data: str, out: str | Path, *, task: Task = "retrieval"
         model = lilt.DualEncoder.from_pretrained(model)
     options = dict(batch_size=batch_size, num_workers=num_workers)
     if task == "retrieval":
-        results = lilt.evaluate_retrieval(model, load_pairs(data, split=split or _split(data), langs=langs),
-                                          progress=True, **options)
+        pairs = load_pairs(data, split=split or _split(data), langs=langs, **(columns or {}))
+        results = lilt.evaluate_retrieval(model, pairs, progress=True, **options)
     elif task == "zeroshot":
         results = _zeroshot(model, data, split, langs, classnames, templates, label_column, options)
     elif task == "linear-probe":
