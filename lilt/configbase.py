@@ -216,7 +216,8 @@ def apply_overrides(data: dict[str, Any], overrides: typing.Sequence[str]) -> di
             raise ConfigError(f"override {item!r} is not KEY=VALUE (e.g. train.steps=200 or data.langs=[en,sw]).")
         whole = _shell_split(overrides, index)
         if whole is not None:
-            raise ConfigError(f"override {item!r} was cut at a space by the shell; quote it whole: '{whole}'")
+            raise ConfigError(f"override {item!r} was cut at a space by the shell. Quote the whole override so it "
+                              f"stays one word: '{whole}'")
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError:
