@@ -17,7 +17,7 @@ from lilt.data.resolve import resolve_data
 from lilt.config import DataConfig
 from lilt.losses import clip_loss, siglip_loss
 
-from helpers import write_images
+from helpers import lilt_train, losses, max_difference, weights, write_images
 
 LANGS = ("en", "sw")
 
@@ -134,10 +134,12 @@ def test_data_errors_are_one_line(make_model, tmp_path: Path, capsys) -> None:
 
 def test_train_refuses_an_unknown_column_before_training(recipe: Path, tmp_path: Path, capsys) -> None:
     folder, table = multilingual(tmp_path)
+    # A `text` column is there too: a misspelt text_column must not fall back on it and train silently.
+    table.write_text(table.read_text().replace('"caption"', '"text"'))
     overrides = [f"data.source={table}", "data.options={}", "data.image_column=path", "data.text_column=captions"]
     err = one_line_error(capsys, ["train", "--recipe", str(recipe), "--output-dir", str(tmp_path / "out"),
                                   *overrides])
-    assert "no column 'captions'" in err and "'caption'" in err
+    assert "no column 'captions'" in err and "'text'" in err
     assert not (tmp_path / "out" / "model").exists()
 
 
@@ -186,7 +188,33 @@ def test_train_on_a_multilingual_table_with_val_fraction(recipe: Path, tmp_path:
     assert any(len(set(ids.tolist())) < 6 for ids in seen)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", [(), ("train.local_loss=true",)], ids=["global", "local-loss"])
+def test_two_processes_mask_repeated_images_like_one(recipe: Path, tmp_path: Path, overrides) -> None:
+    folder, table = multilingual(tmp_path, n=12)
+    data = [f"data.source={table}", "data.options={}", "data.image_column=path", "data.text_column=caption"]
+    one = lilt_train(recipe, tmp_path / "one", *data, *overrides)
+    two = lilt_train(recipe, tmp_path / "two", *data, *overrides, processes=2)
+    # The rows of an image split across the two processes are masked through the gathered ids alike.
+    assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "two"), abs=1e-5)
+    assert max_difference(weights(tmp_path / "one"), weights(tmp_path / "two")) < 1e-5
+    summary = [line for line in two.stdout.splitlines() if "steps," in line and "samples/s" in line]
+    assert len(summary) == 1 and one.stdout.count("samples/s") == 1  # the main process prints it, once
+
+
 # -- small ones ------------------------------------------------------------------------------------------------
 def test_info_methods_shows_defaults(capsys) -> None:
     assert main(["info", "--methods"]) == 0
     assert "reduction_factor (default " in capsys.readouterr().out
+
+
+def test_local_loads_show_no_datasets_progress_bars(tmp_path: Path, capfd) -> None:
+    import datasets
+
+    folder, table = multilingual(tmp_path)
+    assert datasets.is_progress_bar_enabled()
+    assert len(load_pairs(table, image_column="path", text_column="caption")) == 12
+    assert len(load_pairs(folder, text_column="caption")) == 12
+    err = capfd.readouterr().err
+    assert "Generating" not in err and "Map" not in err and "Downloading" not in err, err
+    assert datasets.is_progress_bar_enabled()  # switched off around the local load only
