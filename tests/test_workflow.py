@@ -162,6 +162,11 @@ def test_val_fraction_holds_out_whole_images_and_a_one_split_folder_trains(tmp_p
     assert set(again["image"]) == train_images  # seeded
     _, val, _ = resolve_data(DataConfig(source=str(folder), text_column="caption"), None, seed=0)
     assert val is None and "data.val_fraction" in caplog.text  # the default val_split: a note, not a crash
+    held_out = tmp_path / "held_out.jsonl"  # a validation table of its own: its one split is all validation
+    held_out.write_text(table.read_text())
+    config = DataConfig(source=str(table), val_source=str(held_out), image_column="path", text_column="caption")
+    train, val, _ = resolve_data(config, None, seed=0)
+    assert len(train) == len(val) == 16
 
 
 def test_train_on_a_multilingual_table_with_val_fraction(recipe: Path, tmp_path: Path, capsys, monkeypatch) -> None:

@@ -21,7 +21,8 @@ def run_eval(model: Any, data: str, out: str | Path, *, task: Task = "retrieval"
              columns: Mapping[str, str] | None = None) -> tuple[list[dict[str, Any]], dict[str, Path]]:
     """Evaluate `model` (a DualEncoder or a saved folder) on `data`; write eval.{json,md,png} under `out`.
 
-    `columns`: load_pairs' image_column/text_column/lang_column for a table whose columns are named otherwise.
+    `columns`: load_pairs' image_column/text_column/lang_column for a table whose columns are named otherwise
+    (zero-shot and linear probe use its image_column).
     Retrieval groups a table's rows by image, so one row per caption scores as one image with many captions.
     """
     import lilt
@@ -36,13 +37,16 @@ def run_eval(model: Any, data: str, out: str | Path, *, task: Task = "retrieval"
         pairs = load_pairs(data, split=split or _split(data), langs=langs, **(columns or {}))
         results = lilt.evaluate_retrieval(model, pairs, progress=True, **options)
     elif task == "zeroshot":
-        results = _zeroshot(model, data, split, langs, classnames, templates, label_column, options)
+        results = _zeroshot(model, data, split, langs, classnames, templates, label_column, options,
+                            (columns or {}).get("image_column", "image"))
     elif task == "linear-probe":
         from .probe import linear_probe
         if not train_data:
             raise ConfigError("--task linear-probe needs --train-data SPEC (labelled images to fit the probe on).")
-        train = load_labelled(train_data, split=_split(train_data), label_column=label_column)
-        test = load_labelled(data, split=split or _split(data), label_column=label_column,
+        image_column = (columns or {}).get("image_column", "image")
+        train = load_labelled(train_data, split=_split(train_data), label_column=label_column,
+                              image_column=image_column)
+        test = load_labelled(data, split=split or _split(data), label_column=label_column, image_column=image_column,
                              names=train.features["label"].names)  # the same class ids in both splits
         results = {"all": linear_probe(model, train, test, label_column="label", **options)}
     else:
@@ -62,7 +66,8 @@ def _split(spec: str) -> str:
 
 
 def _zeroshot(model: Any, data: str, split: str | None, langs: Sequence[str] | None, classnames: str | Path | None,
-              templates: str | Path | None, label_column: str, options: dict[str, Any]) -> dict[str, Any]:
+              templates: str | Path | None, label_column: str, options: dict[str, Any],
+              image_column: str = "image") -> dict[str, Any]:
     from ..data import load_labelled
     from .zeroshot import emoji_zeroshot, evaluate_zeroshot
 
@@ -70,7 +75,8 @@ def _zeroshot(model: Any, data: str, split: str | None, langs: Sequence[str] | N
         dataset, names = emoji_zeroshot(data[len(EMOJI) + 1:] or split or "test",
                                         langs=tuple(langs or ("en", "sw", "yo", "am", "ha", "mr")))
     else:
-        dataset = load_labelled(data, split=split or _split(data), label_column=label_column)
+        dataset = load_labelled(data, split=split or _split(data), label_column=label_column,
+                                image_column=image_column)
         names = dataset.features["label"].names  # folder or label names, in label order
     if classnames is not None:
         names = _read_classnames(classnames)
