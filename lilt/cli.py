@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -21,8 +22,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.methods:
         for spec in lilt.METHODS.values():
             print(f"{spec.name:<10} {spec.summary}")
+            defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                        for f in dataclasses.fields(spec.options)}
             for name, text in spec.options.field_help().items():
-                print(f"{'':<12}{name}: {text}")
+                print(f"{'':<12}{name} (default {defaults[name]!r}): {text}")
         return 0
     if not args.recipe:
         raise ConfigError("lilt info needs --recipe NAME|FILE (e.g. lwa; `lilt recipes` lists them), or --methods.")
@@ -66,6 +69,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         model = lilt.DualEncoder(recipe.model)
         lilt.apply_plan(model, recipe.plan)
     result = train(model, recipe.data, recipe.train)
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # under `accelerate launch` the summary is printed once
+        return 0
     for stage in result.stages:
         recall = [v for k, v in stage.items() if k.startswith("val/all/") and k.endswith("R@1")]
         print(f"stage {stage['stage']}: {stage['pairs']} pairs, {stage['trainable']:,} trainable parameters, grew "
@@ -86,7 +93,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     rows, paths = run_eval(args.model, args.data, args.out, task=args.task, langs=args.langs,
                            classnames=args.classnames, templates=args.templates, train_data=args.train_data,
                            label_column=args.label_column, batch_size=args.batch_size, num_workers=args.num_workers,
-                           split=args.split)
+                           split=args.split, columns=_columns(args))
     print(markdown_table(rows))
     print("\n" + "\n".join(f"{kind}: {path}" for kind, path in paths.items()))
     return 0
@@ -99,11 +106,19 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from .embeddings import export_embeddings
 
     model = lilt.DualEncoder.from_pretrained(args.model)
-    data = load_pairs(args.data, split=args.split, langs=args.langs)
+    # Images alone need no caption column; one named with --text-column must still exist.
+    data = load_pairs(args.data, split=args.split, langs=args.langs, **_columns(args),
+                      captions=args.what == "text" or args.text_column is not None)
     for path in export_embeddings(model, data, args.what, args.out, batch_size=args.batch_size,
                                   num_workers=args.num_workers):
         print(f"wrote {path}")
     return 0
+
+
+def _columns(args: argparse.Namespace) -> dict[str, str]:
+    """load_pairs column names from --image-column/--text-column/--lang-column (only those given)."""
+    names = {"image_column": args.image_column, "text_column": args.text_column, "lang_column": args.lang_column}
+    return {k: v for k, v in names.items() if v is not None}
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -232,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     for command in (ev, embed):
         command.add_argument("--batch-size", type=int, default=256)
         command.add_argument("--num-workers", type=int, default=0)
+        command.add_argument("--image-column", help="a table's image column (default image; imagefolder: file_name)")
+        command.add_argument("--text-column", help="a table's caption column (default text)")
+        command.add_argument("--lang-column", help="a table's caption-language column (default lang; optional)")
 
     demo = sub.add_parser("demo", help="end-to-end run on the packaged backbones (offline)")
     demo.add_argument("--output-dir", default="demo-out", help="results, plot and model (default demo-out)")

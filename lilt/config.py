@@ -162,7 +162,10 @@ class DataConfig(ConfigBase):
                        "(imagefolder+metadata or save_to_disk), a .csv/.jsonl/.parquet file, .tar shards, a hub name")
     split: str = knob("train", "split of the source to train on")
     val_source: str | None = knob(None, "validation pairs; None: the same source's `val_split` when it has one")
-    val_split: str = knob("validation", "split of the validation source")
+    val_split: str = knob("validation", "split of the validation source (a source without it: no validation, "
+                          "noted in the log, unless val_fraction is set)")
+    val_fraction: float | None = knob(None, "hold out this fraction of the training images (all their captions) as "
+                                      "validation, by a seeded draw; for a source with no validation split")
     image_column: str = knob("image", "column holding the image (PIL, bytes/path dict or path)")
     text_column: str = knob("text", "column holding the caption")
     lang_column: str = knob("lang", "column holding the caption's language (optional)")
@@ -232,6 +235,13 @@ class DataConfig(ConfigBase):
         if self.val_source and self.val_source.startswith("builtin:"):
             check_builtin(self.val_source, self.options if self.source.startswith("builtin:") else {},
                           "DataConfig.val_source")
+        if self.val_fraction is not None and not 0 < self.val_fraction < 1:
+            raise ConfigError(f"DataConfig.val_fraction={self.val_fraction} must be in (0, 1) (e.g. 0.1), or null.")
+        if self.val_fraction and self.val_source:
+            raise ConfigError("DataConfig.val_fraction and val_source both name validation data; keep one.")
+        if self.val_fraction and self.streaming:
+            raise ConfigError("DataConfig.val_fraction splits a table by image; it cannot split a streamed source "
+                              "(give data.val_source instead).")
         if not 1 <= self.bad_window <= 10_000_000:
             raise ConfigError(f"DataConfig.bad_window={self.bad_window} must be in [1, 10000000].")
         if self.lang_sampling is not None and not 0.0 <= self.lang_sampling <= 1.0:

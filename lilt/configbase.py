@@ -210,10 +210,14 @@ def read_mapping(path: str | Path) -> dict[str, Any]:
 
 def apply_overrides(data: dict[str, Any], overrides: typing.Sequence[str]) -> dict[str, Any]:
     """Set `section.key=value` pairs (values parsed as YAML: 3, 1e-4, [en, sw], {sw: 100}) in a recipe mapping."""
-    for item in overrides:
+    for index, item in enumerate(overrides):
         key, sep, raw = item.partition("=")
         if not sep or not key or any(not part for part in key.split(".")):
             raise ConfigError(f"override {item!r} is not KEY=VALUE (e.g. train.steps=200 or data.langs=[en,sw]).")
+        whole = _shell_split(overrides, index)
+        if whole is not None:
+            raise ConfigError(f"override {item!r} was cut at a space by the shell. Quote the whole override so it "
+                              f"stays one word: '{whole}'")
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError:
@@ -227,3 +231,15 @@ def apply_overrides(data: dict[str, Any], overrides: typing.Sequence[str]) -> di
                 raise ConfigError(f"override {item!r}: {part!r} is not a section.")
         node[leaf] = value
     return data
+
+
+def _shell_split(overrides: typing.Sequence[str], index: int) -> str | None:
+    """The override the user typed when the shell cut it at spaces ('a={sw:' '300}'), else None."""
+    def open_brackets(text: str) -> int:
+        return sum(text.count(c) for c in "{[") - sum(text.count(c) for c in "}]")
+
+    pieces = [overrides[index]]
+    rest = list(overrides[index + 1:])
+    while open_brackets(" ".join(pieces)) > 0 and rest and "=" not in rest[0].split(":")[0]:
+        pieces.append(rest.pop(0))
+    return " ".join(pieces) if len(pieces) > 1 else None

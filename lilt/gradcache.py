@@ -13,7 +13,8 @@ from accelerate import Accelerator
 
 
 def grad_cache_backward(prepared: torch.nn.Module, model: torch.nn.Module, inputs: dict[str, torch.Tensor],
-                        chunks: int, loss_fn: Callable, accelerator: Accelerator) -> float:
+                        chunks: int, loss_fn: Callable, accelerator: Accelerator,
+                        image_ids: torch.Tensor | None = None) -> float:
     """Backward of the whole batch's contrastive loss, holding activations of one micro-batch at a time.
 
     GradCache (Gao et al. 2021): embed every micro-batch without a graph, take the loss and its
@@ -34,7 +35,7 @@ def grad_cache_backward(prepared: torch.nn.Module, model: torch.nn.Module, input
     text = torch.cat(texts).detach().requires_grad_()
     scale = model.scale().detach().requires_grad_()
     bias = model.logit_bias.detach().requires_grad_() if model.logit_bias is not None else None
-    loss = loss_fn(image, text, scale, bias)
+    loss = loss_fn(image, text, scale, bias, **({"image_ids": image_ids} if image_ids is not None else {}))
     wrt = [image, text, scale] + ([bias] if bias is not None else [])
     grads = torch.autograd.grad(loss, wrt)
     g_image, g_text = grads[0].split([len(x) for x in images]), grads[1].split([len(x) for x in texts])

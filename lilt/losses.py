@@ -47,39 +47,80 @@ def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     return torch.cat([part[:n] for part, n in zip(parts, counts)]), sum(counts[:rank])
 
 
+def same_image_mask(row_ids: torch.Tensor | None, column_ids: torch.Tensor | None,
+                    offset: int = 0) -> torch.Tensor | None:
+    """True where logit (i, j) pairs two different rows of one image (row i is column i + offset); None if none do.
+
+    A table with one row per caption (an English and a Swahili caption of one photo) can put one image in a
+    batch twice; without this mask each of those rows would be the other's negative.
+    """
+    if row_ids is None or column_ids is None:
+        return None
+    same = row_ids[:, None] == column_ids[None, :].to(row_ids.device)
+    rows = torch.arange(len(row_ids), device=same.device)
+    same[rows, rows + offset] = False  # a row's own pair is its positive
+    return same if bool(same.any()) else None
+
+
 def clip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor, *,
-              gather: bool = True, local_loss: bool = False) -> torch.Tensor:
-    """Symmetric InfoNCE (CLIP): each image's caption among all captions, and each caption's image."""
+              gather: bool = True, local_loss: bool = False, image_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric InfoNCE (CLIP): each image's caption among all captions, and each caption's image.
+
+    `image_ids` (one per pair) names each pair's image: two pairs of one image are masked out of each
+    other's softmax, neither negative nor extra positive. That is false-negative elimination (Huynh et al.,
+    WACV 2022), chosen over multi-positive targets (UniCL) because it keeps one target per row: the loss is
+    exactly CLIP's whenever a batch repeats no image (seeded runs do not move), and open_clip, whose loss
+    this follows, has no multi-positive variant to match.
+    """
     n = image_embeds.shape[0]
     if text_embeds.shape[0] != n:
         raise ValueError(f"clip_loss needs one caption per image; got {n} images and {text_embeds.shape[0]} texts")
     if not gather or world_size() == 1:
         logits = logit_scale * image_embeds @ text_embeds.t()
         labels = torch.arange(n, device=logits.device)
+        same = same_image_mask(image_ids, image_ids)
+        if same is not None:
+            logits = logits.masked_fill(same.to(logits.device), float("-inf"))
         return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
     all_images, offset = gather_with_grad(image_embeds)
     all_texts, _ = gather_with_grad(text_embeds)
+    # Integer ids take the same padded collective; they carry no gradient.
+    all_ids = gather_with_grad(image_ids)[0] if image_ids is not None else None
     if local_loss:
         labels = torch.arange(n, device=image_embeds.device) + offset
-        per_image = F.cross_entropy(logit_scale * image_embeds @ all_texts.t(), labels)
-        per_text = F.cross_entropy(logit_scale * text_embeds @ all_images.t(), labels)
+        per_image_logits = logit_scale * image_embeds @ all_texts.t()
+        per_text_logits = logit_scale * text_embeds @ all_images.t()
+        same = same_image_mask(image_ids, all_ids, offset)
+        if same is not None:
+            same = same.to(per_image_logits.device)
+            per_image_logits = per_image_logits.masked_fill(same, float("-inf"))
+            per_text_logits = per_text_logits.masked_fill(same, float("-inf"))
+        per_image = F.cross_entropy(per_image_logits, labels)
+        per_text = F.cross_entropy(per_text_logits, labels)
         # Weight by the local share so that the mean over processes is the global mean.
         return (per_image + per_text) / 2 * (n * world_size() / all_images.shape[0])
-    return clip_loss(all_images, all_texts, logit_scale, gather=False)
+    return clip_loss(all_images, all_texts, logit_scale, gather=False, image_ids=all_ids)
 
 
 def siglip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor,
-                logit_bias: torch.Tensor, *, gather: bool = True) -> torch.Tensor:
+                logit_bias: torch.Tensor, *, gather: bool = True,
+                image_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Sigmoid loss (SigLIP): every image-text pair is a binary match/non-match decision.
 
     As in the paper, the sum over all pairs is divided by the number of images; with several
-    processes each one scores its local images against all texts.
+    processes each one scores its local images against all texts. Pairs sharing an image (`image_ids`)
+    are matches: the sigmoid scores each image-caption pair on its own, and that caption does describe it.
     """
     n = image_embeds.shape[0]
     all_texts, offset = gather_with_grad(text_embeds) if gather else (text_embeds, 0)
     logits = logit_scale * image_embeds @ all_texts.t() + logit_bias
     signs = -torch.ones_like(logits)
     signs[torch.arange(n, device=logits.device), torch.arange(n, device=logits.device) + offset] = 1.0
+    if image_ids is not None:
+        all_ids = gather_with_grad(image_ids)[0] if gather else image_ids
+        same = same_image_mask(image_ids, all_ids, offset)
+        if same is not None:
+            signs = signs.masked_fill(same.to(signs.device), 1.0)
     # Global loss = sum over all pairs / global batch; this process's share, scaled by the process
     # count so that averaging over processes gives it back.
     processes = world_size() if gather else 1

@@ -34,6 +34,7 @@ from .config import DataConfig, TrainConfig
 from .data import PairCollator, image_transform, pair_loader
 from .data.loader import language_weights
 from .data.bad_items import BadItems
+from .data.identity import image_ids
 from .data.parallel import ParallelBatches, load_parallel
 from .data.resolve import resolve_data
 from .errors import ConfigError, DataError, NonFiniteError
@@ -72,15 +73,18 @@ class TrainResult:
 
 
 def contrastive_loss(config: TrainConfig) -> Callable[..., torch.Tensor]:
-    """The configured loss as f(image_embeds, text_embeds, logit_scale, logit_bias)."""
+    """The configured loss as f(image_embeds, text_embeds, logit_scale, logit_bias, image_ids=None)."""
     if config.loss == "siglip":
-        def siglip(img, txt, scale, bias):
+        def siglip(img, txt, scale, bias, image_ids=None):
             if bias is None:
                 raise ConfigError("loss 'siglip' needs a logit bias: build the model with logit_bias=-10.")
-            return siglip_loss(img.float(), txt.float(), scale, bias)
+            return siglip_loss(img.float(), txt.float(), scale, bias, image_ids=image_ids)
         return siglip
+
     # Embeddings may come out of autocast in half precision; the softmax over the batch wants fp32.
-    return lambda img, txt, scale, bias: clip_loss(img.float(), txt.float(), scale, local_loss=config.local_loss)
+    def clip(img, txt, scale, bias, image_ids=None):
+        return clip_loss(img.float(), txt.float(), scale, local_loss=config.local_loss, image_ids=image_ids)
+    return clip
 
 
 def parallel_loss(out: Any) -> torch.Tensor:
@@ -243,7 +247,8 @@ def warm_up_heads(model: torch.nn.Module, data: datasets.Dataset, config: TrainC
             rows = order[start:start + batch]
             image = F.normalize(model.vision_proj(images[rows]), dim=-1)
             text = F.normalize(model.text_proj(texts[rows]), dim=-1)
-            loss = clip_loss(image, text, model.scale(), gather=False)
+            # Rows of one image (one row per caption) share its features: never each other's negatives.
+            loss = clip_loss(image, text, model.scale(), gather=False, image_ids=features.text_image[rows])
             if not torch.isfinite(loss):
                 raise NonFiniteError(f"the head warm-up reached a non-finite loss; lower TrainConfig.head_warmup_lr "
                                      f"(now {config.head_warmup_lr}).")
@@ -273,6 +278,7 @@ class TrainLoop:
         self.reference: dict[str, torch.Tensor] | None = None  # WiSE-FT's theta_0
         self.best: dict[str, torch.Tensor] | None = None  # keep_best: the best weights so far, and their score
         self.best_score, self.best_step = -math.inf, 0
+        self.image_ids: torch.Tensor | None = None  # per row of the current table, when some image has 2+ rows
 
     def install(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                 ema: bool = True) -> None:
@@ -299,6 +305,10 @@ class TrainLoop:
             raise DataError("DataConfig.lang_sampling weights languages; this data has no language column "
                             "(name it with data.lang_column).")
         weights = language_weights(data["lang"], alpha) if alpha is not None else None
+        self.image_ids = None
+        if isinstance(data, datasets.Dataset):  # a stream's rows cannot be grouped ahead (its images stay apart)
+            ids = image_ids(data)
+            self.image_ids = torch.from_numpy(ids) if len(ids) and ids.max() + 1 < len(ids) else None
         loader = pair_loader(data, self.collate, self.config.batch_size, seed=self.config.seed, weights=weights,
                              num_workers=self.data_config.num_workers, pin_memory=self.data_config.pin_memory)
         return self.acc.prepare(loader)
@@ -309,11 +319,13 @@ class TrainLoop:
         inputs = {k: batch[k] for k in ("pixel_values", "input_ids", "attention_mask", "token_type_ids")
                   if k in batch}
         chunks = self.config.accumulation_steps
+        ids = self.image_ids[batch["rows"].cpu()].to(self.acc.device) if self.image_ids is not None else None
         self.guard.before_step()
         if chunks > 1 and self.config.accumulation == "gradcache":
-            loss = grad_cache_backward(self.prepared, self.model, inputs, chunks, self.loss_fn, self.acc)
+            loss = grad_cache_backward(self.prepared, self.model, inputs, chunks, self.loss_fn, self.acc,
+                                       image_ids=ids)
         else:
-            loss = self._plain_backward(inputs, chunks, self.parallel(step) if self.parallel else None)
+            loss = self._plain_backward(inputs, chunks, self.parallel(step) if self.parallel else None, ids)
         # One collective for two facts: whether every process has a finite loss, and the global mean loss
         # (with local_loss each process holds only its share).
         stats = torch.tensor([float(math.isfinite(loss)), loss if math.isfinite(loss) else 0.0], device=self.acc.device)
@@ -353,15 +365,17 @@ class TrainLoop:
         return float("nan")
 
     def _plain_backward(self, inputs: dict[str, torch.Tensor], chunks: int,
-                        parallel: dict[str, torch.Tensor] | None = None) -> float:
+                        parallel: dict[str, torch.Tensor] | None = None, ids: torch.Tensor | None = None) -> float:
         total = 0.0
+        micro_ids = ids.chunk(chunks) if ids is not None else [None] * chunks
         for i, micro in enumerate(split_inputs(inputs, chunks)):
             sync = self.acc.no_sync(self.prepared) if i < chunks - 1 else contextlib.nullcontext()
             with sync:
                 # The whole parallel batch rides with the last micro-batch (the one that synchronizes).
                 extra = {"parallel": parallel} if parallel is not None and i == chunks - 1 else {}
                 out = self.prepared(**micro, **extra)
-                loss = self.loss_fn(out.image_embeds, out.text_embeds, out.logit_scale, out.logit_bias) / chunks
+                same = {"image_ids": micro_ids[i]} if micro_ids[i] is not None else {}
+                loss = self.loss_fn(out.image_embeds, out.text_embeds, out.logit_scale, out.logit_bias, **same) / chunks
                 if out.parallel_target is not None:
                     loss = loss + self.config.parallel_weight * parallel_loss(out)
                 self.acc.backward(loss)

@@ -102,7 +102,7 @@ def test_compare_runs_side_by_side(tmp_path: Path):
     write_report(rows_for("e5+lite0", 0.5), tmp_path / "heads")
     write_report(rows_for("e5+lite0"), tmp_path / "lwa")
     table, merged = compare_runs([tmp_path / "heads", tmp_path / "lwa"], metric="t2i/R@1")
-    assert table.splitlines() == ["| lang | heads | lwa |", "|---|---|---|", "| en | 19.0 | 38.0 |",
+    assert table.splitlines() == ["| lang | heads t2i/R@1 | lwa t2i/R@1 |", "|---|---|---|", "| en | 19.0 | 38.0 |",
                                   "| sw | 9.0 | 18.0 |", "| all | 14.0 | 28.0 |"]
     assert [r["run"] for r in merged] == ["heads"] * 3 + ["lwa"] * 3
     assert merged[3] == {**rows_for("e5+lite0")[0], "run": "lwa"}

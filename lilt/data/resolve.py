@@ -1,12 +1,26 @@
-"""From what `lilt.train` is given (a spec, a DataConfig or a table) to training and validation tables."""
+"""From what `lilt.train` is given (a spec, a DataConfig or a table) to training and validation tables.
+
+Validation comes from, in order: `val_source` (its `val_split`); a built-in's `val_split`; `val_fraction` of
+the training images, held out by a seeded draw; the source's own `val_split` when it has one. Otherwise the
+run has no validation, and says so in the log.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
+import datasets
+import numpy as np
+
 from ..config import DataConfig
-from .sources import load_pairs
+from ..errors import ConfigError
+from .identity import image_ids
+from .selection import select_pairs
+from .sources import MissingSplit, load_pairs
+
+logger = logging.getLogger(__name__)
 
 
 def source_options(data_config: DataConfig, seed: int) -> dict[str, Any]:
@@ -25,10 +39,44 @@ def resolve_data(data: Any, data_config: DataConfig | None, seed: int) -> tuple[
         data = None
     data_config = data_config or DataConfig()
     options = source_options(data_config, seed)
+    source, val_source = data_config.source, data_config.val_source
+    caps = dict(pairs_per_lang=data_config.pairs_per_lang, max_pairs=data_config.max_pairs)
+    if data_config.val_fraction and not val_source:
+        if data is None:  # hold the images out before the caps, so a cap never takes from validation
+            data = load_pairs(source, data_config.split, **options)
+        data, val = split_by_image(data, data_config.val_fraction, seed)
+        return select_pairs(data, **caps, seed=seed), val, data_config
     if data is None:
-        data = load_pairs(data_config.source, data_config.split, pairs_per_lang=data_config.pairs_per_lang,
-                          max_pairs=data_config.max_pairs, streaming=data_config.streaming, **options)
-    val = None
-    if data_config.val_source or data_config.source.startswith("builtin:"):
-        val = load_pairs(data_config.val_source or data_config.source, data_config.val_split, **options)
+        data = load_pairs(source, data_config.split, **caps, streaming=data_config.streaming, **options)
+    if source.startswith("builtin:") and not val_source:
+        return data, load_pairs(source, data_config.val_split, **options), data_config
+    if val_source and val_source != source:
+        try:
+            return data, load_pairs(val_source, data_config.val_split, **options), data_config
+        except MissingSplit:  # a folder or table of its own, with one split: all of it is validation
+            logger.info("validating on all of %r (it has no %r split)", val_source, data_config.val_split)
+            return data, load_pairs(val_source, "train", **options), data_config
+    try:
+        val = load_pairs(source, data_config.val_split, **options)
+    except MissingSplit:
+        logger.warning("no validation: %r has no %r split; set data.val_fraction (e.g. 0.1) to hold out part of "
+                       "the training images, or data.val_source.", source, data_config.val_split)
+        val = None
     return data, val, data_config
+
+
+def split_by_image(data: Any, fraction: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(training, validation) rows: a seeded `fraction` of the distinct images, with all their captions, held out."""
+    if not isinstance(data, datasets.Dataset):
+        raise ConfigError("data.val_fraction needs a map-style table (a stream cannot be split by image); give "
+                          "data.val_source instead, or set data.streaming: false.")
+    ids = image_ids(data)
+    count = int(ids.max()) + 1 if len(ids) else 0
+    held = max(1, round(fraction * count))
+    if held >= count:
+        raise ConfigError(f"data.val_fraction={fraction} holds out {held} of the {count} images, leaving none to "
+                          "train on; lower it.")
+    chosen = np.zeros(count, dtype=bool)
+    chosen[np.random.default_rng(seed).permutation(count)[:held]] = True
+    in_val = chosen[ids]
+    return data.select(np.flatnonzero(~in_val)), data.select(np.flatnonzero(in_val))

@@ -19,6 +19,12 @@ def select_pairs(data: datasets.Dataset | datasets.IterableDataset, *, langs: Se
                         "Name it with lang_column=...")
     if langs:
         wanted = set(langs)
+        if isinstance(data, datasets.Dataset):  # a stream cannot be counted before it is read
+            present = set(data.unique("lang"))
+            absent = sorted(wanted - present)
+            if absent:
+                raise DataError(f"no captions in language {', '.join(absent)} (asked for by langs={list(langs)}); "
+                                f"the data has {', '.join(sorted(map(str, present))) or 'no language values'}.")
         data = data.filter(lambda batch: [x in wanted for x in batch["lang"]], batched=True)
     if pairs_per_lang is not None:
         if isinstance(data, datasets.IterableDataset):

@@ -13,11 +13,12 @@ Images stay undecoded (`Image(decode=False)` or a path) until the collate functi
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import datasets
 import pyarrow as pa
@@ -37,24 +38,55 @@ _WDS_TEXT_KEYS = ("txt", "text", "caption")
 def load_pairs(spec: str | os.PathLike, split: str = "train", *, image_column: str = "image",
                text_column: str = "text", lang_column: str = "lang", langs: Sequence[str] | None = None,
                pairs_per_lang: int | Mapping[str, int] | None = None, max_pairs: int | None = None,
-               streaming: bool = False, seed: int = 0, allow_outside_root: bool = False,
+               streaming: bool = False, seed: int = 0, allow_outside_root: bool = False, captions: bool = True,
                **options: Any) -> datasets.Dataset | datasets.IterableDataset:
     """Image-caption pairs from a spec, as a Dataset (IterableDataset when streaming) with image/text[/lang].
 
     A table's image paths are read relative to the table's folder and must stay inside it (no '../', no
     absolute paths elsewhere) unless `allow_outside_root`: a table cannot make lilt open arbitrary files.
+    A table may hold one row per caption (an image's English and Swahili captions on two rows, told apart
+    by `lang`): evaluation and training group rows by image. A column named other than its default must
+    exist; `captions=False` reads images alone when the source has no caption column.
     """
     spec = str(spec)
     if spec.startswith("builtin:"):
+        named = {k: v for k, v in (("image_column", image_column), ("text_column", text_column),
+                                   ("lang_column", lang_column)) if v != k.split("_")[0]}
+        if named:
+            raise DataError(f"{spec!r} has fixed columns image, text, lang; {', '.join(named)} name the columns of "
+                            "your own folders and tables.")
         name, _, spec_split = spec[len("builtin:"):].partition(":")
         return _builtin(name, spec_split or split, langs=langs, pairs_per_lang=pairs_per_lang,
                         max_pairs=max_pairs, seed=seed, **options)
     if options:
         raise DataError(f"options {sorted(options)} only apply to builtin sources; {spec!r} is not one.")
-    data = _read(spec, split, streaming, allow_outside_root)
-    data = _rename(data, spec, {image_column: "image", text_column: "text", lang_column: "lang"}, allow_outside_root)
-    return select_pairs(data, langs=langs, pairs_per_lang=pairs_per_lang if split == "train" else None,
-                        max_pairs=max_pairs, seed=seed)
+    with quiet_local_loads(spec):
+        data = _read(spec, split, streaming, allow_outside_root)
+        data = _rename(data, spec, {image_column: "image", text_column: "text", lang_column: "lang"},
+                       allow_outside_root, required=("image", "text") if captions else ("image",))
+        return select_pairs(data, langs=langs, pairs_per_lang=pairs_per_lang if split == "train" else None,
+                            max_pairs=max_pairs, seed=seed)
+
+
+@contextlib.contextmanager
+def quiet_local_loads(spec: str) -> Iterator[None]:
+    """No datasets progress bars ("Downloading data", "Generating train split", "Map") while reading local files.
+
+    They describe copying a file that is already on disk into the cache; a hub download keeps its bar.
+    """
+    local = Path(spec).exists() or bool(_shards(spec))
+    if not local or datasets.are_progress_bars_disabled():
+        yield
+        return
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        datasets.enable_progress_bars()
+
+
+class MissingSplit(DataError):
+    """A source has no split of the name asked for (validation falls back on this; other callers report it)."""
 
 
 def load_labelled(spec: str | os.PathLike, split: str = "train", *, image_column: str = "image",
@@ -70,12 +102,13 @@ def load_labelled(spec: str | os.PathLike, split: str = "train", *, image_column
                         "builtin:emoji-cldr is built in (lilt eval --task zeroshot), and a linear probe needs a "
                         "folder of class subfolders or a table with a label column.")
     path = Path(spec)
-    if path.is_dir() and not any((path / f"metadata.{ext}").exists() for ext in ("jsonl", "csv", "parquet")) \
-            and not (path / "dataset_info.json").exists() and not (path / "dataset_dict.json").exists():
-        data = _pick_split(datasets.load_dataset("imagefolder", data_dir=str(path)), split, str(spec))
-        data = data.cast_column("image", datasets.Image(decode=False))
-    else:
-        data = _read(str(spec), split, streaming=False)
+    with quiet_local_loads(str(spec)):
+        if path.is_dir() and not any((path / f"metadata.{ext}").exists() for ext in ("jsonl", "csv", "parquet")) \
+                and not (path / "dataset_info.json").exists() and not (path / "dataset_dict.json").exists():
+            data = _pick_split(datasets.load_dataset("imagefolder", data_dir=str(path)), split, str(spec))
+            data = data.cast_column("image", datasets.Image(decode=False))
+        else:
+            data = _read(str(spec), split, streaming=False)
     columns = list(data.column_names)
     for needed, flag in ((image_column, "image_column"), (label_column, "label_column")):
         if needed not in columns:
@@ -83,7 +116,7 @@ def load_labelled(spec: str | os.PathLike, split: str = "train", *, image_column
                             f"{flag}=....{did_you_mean(needed, columns)}")
     data = data.select_columns([image_column, label_column])
     data = _rename(data.rename_columns({label_column: "text"}) if label_column != "text" else data, str(spec),
-                   {image_column: "image"}).rename_column("text", "label")
+                   {image_column: "image", "text": "text"}).rename_column("text", "label")
     return _encode_labels(data, names, str(spec))
 
 
@@ -131,6 +164,9 @@ def _read(spec: str, split: str, streaming: bool,
     path = Path(spec)
     shards = _shards(spec)
     if shards:
+        if split != "train":
+            raise MissingSplit(f"webdataset shards {spec!r} are one split, 'train', not {split!r}; give the other "
+                               "split as shards of their own (e.g. data.val_source).")
         data = datasets.load_dataset("webdataset", data_files={"train": shards}, split="train", streaming=True)
         return _from_webdataset(data, spec)
     if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
@@ -143,6 +179,9 @@ def _read(spec: str, split: str, streaming: bool,
         # metadata's file_name may say '../x.png' too: the same containment as a table's paths
         return data.map(_TablePaths(path, allow_outside_root, spec), batched=True, with_indices=True)
     if path.is_file() and path.suffix.lower() in _TABLE_FORMATS:
+        if split != "train":  # a table is one split; silently reading it for 'validation' would score training data
+            raise MissingSplit(f"{spec!r} is one table: its only split is 'train', not {split!r}; give the other "
+                               "split as a table of its own (e.g. data.val_source) or split it with data.val_fraction.")
         return _read_table(path, streaming)  # relative image paths are resolved once named `image` (_rename)
     if path.exists() or spec.startswith((".", "/", "~")):
         raise DataError(f"cannot read pairs from {spec!r}: expected a folder with metadata.jsonl/csv, a folder "
@@ -186,9 +225,11 @@ def _shards(spec: str) -> list[str]:
 def _pick_split(data: Any, split: str, spec: str) -> Any:
     if isinstance(data, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         if split not in data:
-            raise DataError(f"{spec!r} has no split {split!r}; its splits: {', '.join(data)}."
-                            f"{did_you_mean(split, list(data))}")
+            raise MissingSplit(f"{spec!r} has no split {split!r}; its splits: {', '.join(data)}."
+                               f"{did_you_mean(split, list(data))}")
         return data[split]
+    if split != "train":  # one table: reading it for 'validation' or 'test' would silently score training data
+        raise MissingSplit(f"{spec!r} holds one split ('train'), not {split!r}.")
     return data
 
 
@@ -228,18 +269,25 @@ class _TablePaths:
         return batch
 
 
-def _rename(data: Any, spec: str, names: dict[str, str], allow_outside_root: bool = False) -> Any:
+def _rename(data: Any, spec: str, names: dict[str, str], allow_outside_root: bool = False,
+            required: Sequence[str] = ("image", "text")) -> Any:
+    """Name the source's columns image/text/lang; a column named other than its default must exist."""
     columns = list(data.column_names or [])
     for source, target in names.items():
-        if source == target or source not in columns:
-            continue
-        data = data.rename_column(source, target)
-        columns = [target if c == source else c for c in columns]
-    for needed, flag in (("image", "image_column"), ("text", "text_column")):
-        if needed not in columns:
+        if source != target and source not in columns:
+            raise DataError(f"{spec!r} has no column {source!r} ({target}_column={source}); its columns: {columns}."
+                            f"{did_you_mean(source, columns)}")
+    for needed in required:
+        source = next(s for s, t in names.items() if t == needed)
+        if source not in columns:
             raise DataError(f"{spec!r} has no {needed} column (columns: {columns}); name yours with "
-                            f"{flag}=....{did_you_mean(needed, columns)}")
+                            f"{needed}_column=....{did_you_mean(needed, columns)}")
+    # The named columns only: a `text` column that text_column=caption_sw does not pick is dropped, not kept.
+    keep = {source: target for source, target in names.items() if source in columns}
+    data = data.select_columns(list(keep))
+    data = data.rename_columns({s: t for s, t in keep.items() if s != t}) if any(s != t for s, t in keep.items()) \
+        else data
     if Path(spec).is_file() and Path(spec).suffix.lower() in _TABLE_FORMATS:
         data = data.map(_TablePaths(Path(spec).resolve().parent, allow_outside_root, spec), batched=True,
                         with_indices=True)
-    return data.select_columns([c for c in ("image", "text", "lang") if c in columns])
+    return data.select_columns([c for c in ("image", "text", "lang") if c in keep.values()])

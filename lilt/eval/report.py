@@ -74,9 +74,7 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str] | N
         cells[key] = row["metrics"]
     if len(series) == 1:
         columns = [(series[0], m, m) for m in metrics]
-    elif len(metrics) == 1:  # one metric, several runs: the run names are enough as headers
-        columns = [(s, metrics[0], s) for s in series]
-    else:
+    else:  # several runs: each header names its run and its metric (report.md is read without the command)
         columns = [(s, m, f"{s} {m}") for s in series for m in metrics]
     lines = ["| lang | " + " | ".join(header for _, _, header in columns) + " |",
              "|---" * (len(columns) + 1) + "|"]

@@ -9,18 +9,17 @@ computed a block of queries at a time, so the full similarity matrix is never he
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import datasets
 import numpy as np
-import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
 from ..errors import DataError
 from ..finite import check_finite
+from ..data.identity import image_keys
 from ..data.loader import pair_loader
 from ..data.transforms import PairCollator
 
@@ -36,23 +35,13 @@ class EmbeddedPairs:
     skipped: list[str]
 
 
-def image_keys(data: datasets.Dataset) -> list[Any]:
-    """An identity per row's image: its file path, else a hash of its bytes, else the row itself."""
-    # Through the row mapping (select/filter/shuffle), not the underlying Arrow table.
-    column = data.select_columns(["image"]).with_format("arrow")[:]["image"].combine_chunks()
-    if pa.types.is_struct(column.type):
-        paths, blobs = column.field("path").to_pylist(), column.field("bytes").to_pylist()
-        # Embedded files keep only their base name as `path`: two different 1.jpg must not merge.
-        return [("bytes", hashlib.sha1(b).hexdigest()) if b else (p if p else ("row", i))
-                for i, (p, b) in enumerate(zip(paths, blobs))]
-    paths = column.to_pylist() if pa.types.is_string(column.type) else [None] * len(column)
-    return [p if p else ("row", i) for i, p in enumerate(paths)]
-
-
 @torch.inference_mode()
 def embed_pairs(model: Any, data: datasets.Dataset, *, features: bool = False, batch_size: int = 256,
                 num_workers: int = 0, progress: bool = False) -> EmbeddedPairs:
-    """Embed each distinct image and every caption; `features=True` gives the towers' pooled features instead."""
+    """Embed each distinct image and every caption; `features=True` gives the towers' pooled features instead.
+
+    A table without a `text` column gives the images alone (and no captions).
+    """
     if isinstance(data, datasets.IterableDataset):
         raise DataError("evaluation needs a map-style dataset (it groups captions by image): load the source "
                         "without streaming, or convert webdataset shards with datasets.Dataset.from_generator.")
@@ -83,6 +72,9 @@ def embed_pairs(model: Any, data: datasets.Dataset, *, features: bool = False, b
     remap = torch.full((len(unique_rows),), -1, dtype=torch.long)
     remap[torch.cat(kept)] = torch.arange(len(images_t))
     text_image = remap[text_image]
+    if "text" not in data.column_names:  # images only (`lilt embed --what image` on a table without captions)
+        model.train(was_training)
+        return EmbeddedPairs(images_t, images_t[:0], text_image[:0], None, skipped)
     texts = data["text"]
     if not texts:
         raise DataError("no captions to evaluate (check the languages asked for: the data may have none of them).")

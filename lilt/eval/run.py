@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 from ..errors import ConfigError
 
@@ -17,8 +17,14 @@ EMOJI = "builtin:emoji-cldr"
 def run_eval(model: Any, data: str, out: str | Path, *, task: Task = "retrieval", langs: Sequence[str] | None = None,
              classnames: str | Path | None = None, templates: str | Path | None = None, train_data: str | None = None,
              label_column: str = "label", batch_size: int = 256, num_workers: int = 0,
-             model_name: str | None = None, split: str | None = None) -> tuple[list[dict[str, Any]], dict[str, Path]]:
-    """Evaluate `model` (a DualEncoder or a saved folder) on `data`; write eval.{json,md,png} under `out`."""
+             model_name: str | None = None, split: str | None = None,
+             columns: Mapping[str, str] | None = None) -> tuple[list[dict[str, Any]], dict[str, Path]]:
+    """Evaluate `model` (a DualEncoder or a saved folder) on `data`; write eval.{json,md,png} under `out`.
+
+    `columns`: load_pairs' image_column/text_column/lang_column for a table whose columns are named otherwise
+    (zero-shot and linear probe use its image_column).
+    Retrieval groups a table's rows by image, so one row per caption scores as one image with many captions.
+    """
     import lilt
     from ..data import load_labelled, load_pairs
     from .report import report_rows, write_report
@@ -28,16 +34,19 @@ def run_eval(model: Any, data: str, out: str | Path, *, task: Task = "retrieval"
         model = lilt.DualEncoder.from_pretrained(model)
     options = dict(batch_size=batch_size, num_workers=num_workers)
     if task == "retrieval":
-        results = lilt.evaluate_retrieval(model, load_pairs(data, split=split or _split(data), langs=langs),
-                                          progress=True, **options)
+        pairs = load_pairs(data, split=split or _split(data), langs=langs, **(columns or {}))
+        results = lilt.evaluate_retrieval(model, pairs, progress=True, **options)
     elif task == "zeroshot":
-        results = _zeroshot(model, data, split, langs, classnames, templates, label_column, options)
+        results = _zeroshot(model, data, split, langs, classnames, templates, label_column, options,
+                            (columns or {}).get("image_column", "image"))
     elif task == "linear-probe":
         from .probe import linear_probe
         if not train_data:
             raise ConfigError("--task linear-probe needs --train-data SPEC (labelled images to fit the probe on).")
-        train = load_labelled(train_data, split=_split(train_data), label_column=label_column)
-        test = load_labelled(data, split=split or _split(data), label_column=label_column,
+        image_column = (columns or {}).get("image_column", "image")
+        train = load_labelled(train_data, split=_split(train_data), label_column=label_column,
+                              image_column=image_column)
+        test = load_labelled(data, split=split or _split(data), label_column=label_column, image_column=image_column,
                              names=train.features["label"].names)  # the same class ids in both splits
         results = {"all": linear_probe(model, train, test, label_column="label", **options)}
     else:
@@ -57,7 +66,8 @@ def _split(spec: str) -> str:
 
 
 def _zeroshot(model: Any, data: str, split: str | None, langs: Sequence[str] | None, classnames: str | Path | None,
-              templates: str | Path | None, label_column: str, options: dict[str, Any]) -> dict[str, Any]:
+              templates: str | Path | None, label_column: str, options: dict[str, Any],
+              image_column: str = "image") -> dict[str, Any]:
     from ..data import load_labelled
     from .zeroshot import emoji_zeroshot, evaluate_zeroshot
 
@@ -65,7 +75,8 @@ def _zeroshot(model: Any, data: str, split: str | None, langs: Sequence[str] | N
         dataset, names = emoji_zeroshot(data[len(EMOJI) + 1:] or split or "test",
                                         langs=tuple(langs or ("en", "sw", "yo", "am", "ha", "mr")))
     else:
-        dataset = load_labelled(data, split=split or _split(data), label_column=label_column)
+        dataset = load_labelled(data, split=split or _split(data), label_column=label_column,
+                                image_column=image_column)
         names = dataset.features["label"].names  # folder or label names, in label order
     if classnames is not None:
         names = _read_classnames(classnames)
