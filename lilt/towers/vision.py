@@ -160,7 +160,7 @@ class VisionTower(Tower):
         return self._blocks_attr
 
     def stem_parameters(self) -> Iterable[nn.Parameter]:
-        skip = ({p.split(".")[0] for p in self._block_paths}, *_FINISH.get(self.family, ()))
+        skip = {*(p.split(".")[0] for p in self._block_paths), *_FINISH.get(self.family, ())}
         return (p for n, p in self.backbone.named_parameters() if n.split(".")[0] not in skip)
 
     def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, None]:
