@@ -19,6 +19,7 @@ from tiny import save_tiny_text, save_tiny_timm
 import lilt
 from lilt.config import VisionConfig
 from lilt.errors import ConfigError
+from lilt.growth import grow
 from lilt.methods.layernorm import is_norm
 from lilt.towers.vision import VisionTower
 
@@ -171,3 +172,28 @@ def test_cli_info_lists_blocks_and_budget(dirs):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "(2 blocks, prenorm)" in result.stdout and "pooling=mean" in result.stdout
     assert "adapter" in result.stdout and "layernorm" in result.stdout
+
+
+@pytest.mark.parametrize("vision,text", PAIRS, ids=[f"{v}-{t}" for v, t in PAIRS])
+def test_growth_on_each_family_keeps_the_function_and_trains(dirs, vision, text):
+    model = build(dirs, vision, text)
+    lilt.apply_plan(model, RECIPES / "lwa.yaml")
+    images, batch = sample_batch(model)
+    before = embeddings(model, images, batch)
+    for op in ("depth:vision:1:interleave", "depth:text:1:interleave", "depth:vision:1", "depth:text:1",
+               "width:blocks:2"):
+        model = grow(model, op).model
+    assert model.vision.num_blocks == EXPECTED[vision][2] + 1 and len(model.vision.inserted_blocks) == 1
+    assert model.text.num_blocks == EXPECTED[text][2] + 1 and len(model.text.inserted_blocks) == 1
+    for b, a in zip(before, embeddings(model, images, batch)):
+        assert (b - a).abs().max().item() < 1e-5
+    grown = {n: p.detach().clone() for n, p in model.named_parameters() if n in model.plan_state.grown}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    model.train()
+    for _ in range(2):
+        optimizer.zero_grad()
+        clip_loss(model, images, batch).backward()
+        optimizer.step()
+    params = dict(model.named_parameters())
+    unchanged = [n for n, old in grown.items() if torch.equal(old, params[n])]
+    assert grown and not unchanged, unchanged

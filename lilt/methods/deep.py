@@ -76,6 +76,12 @@ def new_block(tower: Tower, source: nn.Module, init: str = "copy", identity: boo
         # A stage of several units (Swin) contributes its last unit, which runs at the stage's resolution.
         units = getattr(source, layout.units, None) if layout.units else None
         block = copy.deepcopy(units[-1] if isinstance(units, (nn.Sequential, nn.ModuleList)) else source)
+        for module in block.modules():
+            # T5's first layer owns the relative-position table; the stem computes the bias once for all layers,
+            # so a copy of that layer would carry a table that never trains.
+            if getattr(module, "has_relative_attention_bias", False):
+                module.has_relative_attention_bias = False
+                del module.relative_attention_bias
         if init == "random":
             _reinit(block)
         if identity:
