@@ -81,7 +81,7 @@ def save_tiny_timm(path: Path, family: str) -> Path:
 
 
 def tiny_text_model(family: str, vocab_size: int, width: int = 16) -> torch.nn.Module:
-    """A 2-layer random encoder of `family` (xlmr, distilbert, mpnet, t5) at width 16."""
+    """A 2-layer random encoder of `family` (xlmr, distilbert, mpnet, t5, mt5) at width 16."""
     import transformers as tf
 
     common = dict(vocab_size=vocab_size, pad_token_id=0)
@@ -100,6 +100,10 @@ def tiny_text_model(family: str, vocab_size: int, width: int = 16) -> torch.nn.M
     if family == "t5":
         config = tf.T5Config(d_model=width, d_kv=8, d_ff=2 * width, num_layers=2, num_heads=2, **common)
         return tf.T5EncoderModel(config)
+    if family == "mt5":  # mT5's gated-GELU feed-forward (wi_0, wi_1, wo)
+        config = tf.MT5Config(d_model=width, d_kv=8, d_ff=2 * width, num_layers=2, num_heads=2,
+                              feed_forward_proj="gated-gelu", **common)
+        return tf.MT5EncoderModel(config)
     raise ValueError(f"no tiny text model for {family!r}")
 
 

@@ -30,12 +30,13 @@ class TextContext:
 
 
 # Families whose layers lilt runs one by one: (family, layer list, a path inside a layer that identifies it,
-# a path in the backbone that must be absent). Checked in order; anything else is "generic".
+# paths in the backbone that must be absent). Checked in order; anything else is "generic".
 _TEXT_FAMILIES = (
-    ("bert", "encoder.layer", "attention.output.LayerNorm", "encoder.rel_embeddings"),  # also RoBERTa, XLM-R
-    ("mpnet", "encoder.layer", "attention.attn.o", ""),
-    ("distilbert", "transformer.layer", "sa_layer_norm", ""),
-    ("t5", "encoder.block", "layer.1.layer_norm", "decoder"),  # the encoder alone (T5EncoderModel, mT5)
+    # BERT, RoBERTa, XLM-R; not DeBERTa (relative embeddings) nor ELECTRA with a projection after the embeddings.
+    ("bert", "encoder.layer", "attention.output.LayerNorm", ("encoder.rel_embeddings", "embeddings_project")),
+    ("mpnet", "encoder.layer", "attention.attn.o", ()),
+    ("distilbert", "transformer.layer", "sa_layer_norm", ()),
+    ("t5", "encoder.block", "layer.1.layer_norm", ("decoder",)),  # the encoder alone (T5EncoderModel, mT5)
 )
 # Pooling when neither the config nor the backbone's folder says: T5 has no [CLS] token, so it averages.
 _DEFAULT_POOLING = {"t5": "mean"}
@@ -137,7 +138,7 @@ class TextTower(Tower):
         for family, layers, probe, absent in _TEXT_FAMILIES:
             found = _get_path(self.backbone, layers)
             if isinstance(found, nn.ModuleList) and len(found) and _get_path(found[0], probe) is not None \
-                    and not (absent and _get_path(self.backbone, absent) is not None):
+                    and all(_get_path(self.backbone, path) is None for path in absent):
                 return family, layers
         for path in ("encoder.layer", "transformer.layer", "layers", "encoder.layers", "encoder.block"):
             if isinstance(_get_path(self.backbone, path), nn.ModuleList):
