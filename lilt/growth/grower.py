@@ -283,9 +283,12 @@ class _Grower:
             self._widen_pair(inner.intermediate.dense, inner.output.dense, factor)
         elif hasattr(inner, "ffn") and hasattr(inner.ffn, "lin1"):  # DistilBERT
             self._widen_pair(inner.ffn.lin1, inner.ffn.lin2, factor)
-        elif hasattr(getattr(inner, "layer", [None])[-1], "DenseReluDense") and \
-                hasattr(inner.layer[-1].DenseReluDense, "wi"):  # T5 (not the gated mT5 MLP)
-            self._widen_pair(inner.layer[-1].DenseReluDense.wi, inner.layer[-1].DenseReluDense.wo, factor)
+        elif hasattr(getattr(inner, "layer", [None])[-1], "DenseReluDense"):  # T5, and mT5's gated MLP
+            ff = inner.layer[-1].DenseReluDense
+            if hasattr(ff, "wi"):
+                self._widen_pair(ff.wi, ff.wo, factor)
+            else:  # act(wi_0 x) * wi_1 x: the gate's rows are copied with the units they gate
+                self._widen_pair(ff.wi_0, ff.wo, factor, channelwise=[ff.wi_1])
         elif hasattr(inner, "conv_pw") and hasattr(inner, "conv_pwl"):
             if not isinstance(getattr(inner, "se", nn.Identity()), nn.Identity):
                 raise ConfigError("width growth of inverted-residual blocks with squeeze-excitation is not supported.")
