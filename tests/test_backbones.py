@@ -7,6 +7,7 @@ computes the same at step 0, and a training step moves the new parameters and no
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -197,3 +198,32 @@ def test_growth_on_each_family_keeps_the_function_and_trains(dirs, vision, text)
     params = dict(model.named_parameters())
     unchanged = [n for n, old in grown.items() if torch.equal(old, params[n])]
     assert grown and not unchanged, unchanged
+
+
+# What `unlock layers=top:1` trains (all of it, or `what: attention`), per tower, as tower parameter names.
+TOP_BLOCK = {"resnet": r"backbone\.layer4\.", "convnext": r"backbone\.stages\.3\.", "swin": r"backbone\.layers\.1\.",
+             "vit": r"backbone\.blocks\.1\.", "xlmr": r"backbone\.encoder\.layer\.1\.",
+             "distilbert": r"backbone\.transformer\.layer\.1\.", "mpnet": r"backbone\.encoder\.layer\.1\.",
+             "t5": r"backbone\.encoder\.block\.1\.", "mt5": r"backbone\.encoder\.block\.1\."}
+TOP_ATTENTION = {"swin": r"backbone\.layers\.1\.blocks\.\d\.(norm1|attn)\.",
+                 "vit": r"backbone\.blocks\.1\.(norm1|attn)\.",
+                 "xlmr": r"backbone\.encoder\.layer\.1\.attention\.",
+                 "distilbert": r"backbone\.transformer\.layer\.1\.(attention|sa_layer_norm)\.",
+                 "mpnet": r"backbone\.encoder\.layer\.1\.attention\.", "t5": r"backbone\.encoder\.block\.1\.layer\.0\.",
+                 "mt5": r"backbone\.encoder\.block\.1\.layer\.0\."}
+
+
+@pytest.mark.parametrize("what", ["all", "attention"])
+@pytest.mark.parametrize("vision,text", PAIRS, ids=[f"{v}-{t}" for v, t in PAIRS])
+def test_unlock_top_block_trains_that_block_and_the_rest_runs_without_autograd(dirs, vision, text, what):
+    model = build(dirs, vision, text)
+    towers = [(key, name) for key, name in ((vision, "vision"), (text, "text"))
+              if what == "all" or key in TOP_ATTENTION]
+    rules = [{"tower": name, "method": "unlock", "layers": "top:1", "options": {"what": what}} for _, name in towers]
+    lilt.apply_plan(model, lilt.TuningPlan(rules))
+    for key, name in towers:
+        tower = getattr(model, name)
+        pattern = (TOP_BLOCK if what == "all" else TOP_ATTENTION)[key]
+        trainable = {n for n, p in tower.named_parameters() if p.requires_grad}
+        assert trainable and trainable == {n for n, _ in tower.named_parameters() if re.match(pattern, n)}, key
+        assert tower.frozen_prefix_depth() == tower.num_blocks - 1
