@@ -191,9 +191,7 @@ class _Grower:
             self.touched += n
             return
         tower: Tower = getattr(self.model, op.target)
-        if tower.block_kind not in ("prenorm", "postnorm", "cnn"):
-            raise ConfigError(f"depth growth: the {op.target} tower's blocks are of kind {tower.block_kind!r}; "
-                              "lilt grows prenorm (ViT), postnorm (BERT) and CNN towers.")
+        tower.require_layout("depth growth")
         if op.block == "transformer" and tower.block_kind != "cnn":
             raise ConfigError("depth growth block='transformer' is for CNN towers; transformer towers grow their "
                               "own block type.")
@@ -283,6 +281,14 @@ class _Grower:
             self._widen_pair(inner.mlp.fc1, inner.mlp.fc2, factor)
         elif hasattr(inner, "intermediate") and hasattr(inner, "output"):
             self._widen_pair(inner.intermediate.dense, inner.output.dense, factor)
+        elif hasattr(inner, "ffn") and hasattr(inner.ffn, "lin1"):  # DistilBERT
+            self._widen_pair(inner.ffn.lin1, inner.ffn.lin2, factor)
+        elif hasattr(getattr(inner, "layer", [None])[-1], "DenseReluDense"):  # T5, and mT5's gated MLP
+            ff = inner.layer[-1].DenseReluDense
+            if hasattr(ff, "wi"):
+                self._widen_pair(ff.wi, ff.wo, factor)
+            else:  # act(wi_0 x) * wi_1 x: the gate's rows are copied with the units they gate
+                self._widen_pair(ff.wi_0, ff.wo, factor, channelwise=[ff.wi_1])
         elif hasattr(inner, "conv_pw") and hasattr(inner, "conv_pwl"):
             if not isinstance(getattr(inner, "se", nn.Identity()), nn.Identity):
                 raise ConfigError("width growth of inverted-residual blocks with squeeze-excitation is not supported.")

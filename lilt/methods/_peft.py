@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import warnings
 from typing import Callable
 
@@ -9,29 +10,41 @@ from peft import PeftConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ..towers.base import Tower
+from ..towers.base import LAYOUTS, Tower
 from .base import MethodResult, Selection, block_module_names, block_targets
 from ..errors import ConfigError
 
 # Module types peft's LoRA and IA3 can wrap (a module an earlier rule wrapped can take another adapter).
 PEFT_TYPES = (nn.Linear, nn.Conv2d, BaseTunerLayer)
 
-# Default targets per block kind, as block-relative module-name globs.
-DEFAULT_LORA_TARGETS = {
-    "prenorm": ["attn.qkv", "attn.proj"],
-    "postnorm": ["attention.self.query", "attention.self.value"],
-    "cnn": ["*conv_pw", "*conv_pwl"],
-}
+# Default targets per backbone family, as block-relative module-name globs.
+DEFAULT_LORA_TARGETS = {family: list(layout.lora) for family, layout in LAYOUTS.items()}
+
+
+def whole_tower_targets(tower: Tower, selection: Selection, patterns: list[str], method: str) -> list[str]:
+    """Tower module names matching a pattern anywhere in the backbone (towers without a block list)."""
+    found = []
+    for name, module in tower.named_modules():
+        rel = name[len("backbone."):] if name.startswith("backbone.") else name
+        if isinstance(module, PEFT_TYPES) and any(fnmatch.fnmatchcase(rel, p) for p in patterns) and any(
+                selection.contains(f"{name}.{n}") for n, _ in module.named_parameters()):
+            found.append(name)
+    if not found:
+        raise ConfigError(f"{method}: target_modules {patterns} match no Linear/Conv2d module of the {tower.kind} "
+                          f"backbone {tower.source!r} (globs match module names such as 'stages.0.conv').")
+    return found
 
 
 def resolve_targets(tower: Tower, selection: Selection, patterns: list[str] | None,
                     defaults: dict[str, list[str]], method: str) -> list[str]:
     """Full tower module names a peft method will wrap, with a helpful error when none match."""
     if patterns is None:
-        if tower.block_kind not in defaults:
-            raise ConfigError(f"{method}: no default target_modules for {tower.kind} blocks of kind "
-                              f"{tower.block_kind!r}; pass target_modules (block-relative globs).")
-        patterns = defaults[tower.block_kind]
+        if tower.family not in defaults:
+            raise ConfigError(f"{method}: no default target_modules for the {tower.kind} tower's {tower.family} "
+                              "backbone; pass target_modules (module-name globs).")
+        patterns = defaults[tower.family]
+    if tower.layout is None:  # no block list: match names across the whole backbone
+        return whole_tower_targets(tower, selection, patterns, method)
     targets = block_targets(tower, selection, patterns, PEFT_TYPES)
     if not targets and selection.blocks:
         options = block_module_names(tower, selection.blocks[0], PEFT_TYPES)

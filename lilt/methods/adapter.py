@@ -70,16 +70,6 @@ def _parallel_residual_hook(module: nn.Module, args: tuple, kwargs: dict) -> tup
     return tuple(args), kwargs
 
 
-# (module path inside the block, hook kind) for each block kind, placement and site.
-_SITES: dict[tuple[str, str], dict[str, str]] = {
-    ("prenorm", "serial"): {"attention": "norm1", "mlp": "norm2"},
-    ("prenorm", "parallel"): {"attention": "attn", "mlp": "mlp"},
-    ("postnorm", "serial"): {"attention": "attention.output.dense", "mlp": "output.dense"},
-    ("postnorm", "parallel"): {"attention": "attention.output", "mlp": "output"},
-    ("cnn", "serial"): {"stage": ""},
-}
-
-
 def _attach(module: nn.Module, adapter: Bottleneck, block_kind: str, placement: str) -> None:
     if hasattr(module, "lilt_adapter"):
         raise ConfigError(f"{type(module).__name__} already has an adapter from an earlier rule; "
@@ -106,29 +96,28 @@ def _last_leaf_block(block: nn.Module) -> nn.Module:
 @register_method("adapter", AdapterOptions)
 def apply_adapter(tower: Tower, selection: Selection, options: AdapterOptions, tag: str) -> MethodResult:
     """Insert bottleneck adapters into every selected block (zero-initialized output by default)."""
-    sites = _SITES.get((tower.block_kind, options.placement))
-    if sites is None:
-        supported = sorted({k for k, _ in _SITES})
-        raise ConfigError(f"adapter placement={options.placement!r} is not available for {tower.kind} blocks of "
-                          f"kind {tower.block_kind!r} (available: serial for {', '.join(supported)}; "
-                          "parallel for prenorm and postnorm).")
-    if options.sites != "both" and tower.block_kind != "cnn":
+    layout = tower.require_layout("the adapter method")
+    sites = layout.parallel if options.placement == "parallel" else layout.serial
+    if not sites:
+        raise ConfigError(f"adapter placement={options.placement!r} is not available for the {tower.kind} tower's "
+                          f"{tower.family} blocks; use placement='serial' (parallel: ViT, Swin, BERT-likes).")
+    if options.sites != "both" and layout.kind != "cnn":
         sites = {options.sites: sites[options.sites]}
     trainable: list[nn.Parameter] = []
     for index in selection.blocks:
-        block = tower.blocks()[index]
-        block = block.block if isinstance(block, GatedBlock) else block  # an appended BERT layer behind its gate
-        for path in sites.values():
-            module: Any = block.get_submodule(path) if path else _last_leaf_block(block)
-            dim = tower.block_channels(index)
-            if options.reduction_factor > dim:
-                raise ConfigError(f"adapter reduction_factor={options.reduction_factor} is wider than the "
-                                  f"{tower.kind} tower's width {dim} at block {index}: the bottleneck would be "
-                                  f"empty. Use reduction_factor <= {dim}.")
-            adapter = Bottleneck(dim, max(1, dim // options.reduction_factor), options.activation, options.scale,
-                                 options.zero_init, conv=tower.block_kind == "cnn")
-            reference = next(block.parameters())
-            adapter.to(device=reference.device, dtype=reference.dtype)
-            _attach(module, adapter, tower.block_kind, options.placement)
-            trainable.extend(adapter.parameters())
+        dim = tower.block_channels(index)
+        if options.reduction_factor > dim:
+            raise ConfigError(f"adapter reduction_factor={options.reduction_factor} is wider than the "
+                              f"{tower.kind} tower's width {dim} at block {index}: the bottleneck would be "
+                              f"empty. Use reduction_factor <= {dim}.")
+        for unit in tower.units(index):  # a Swin stage: each of its transformer blocks
+            unit = unit.block if isinstance(unit, GatedBlock) else unit  # an appended BERT layer behind its gate
+            for path in sites.values():
+                module: Any = unit.get_submodule(path) if path else _last_leaf_block(unit)
+                adapter = Bottleneck(dim, max(1, dim // options.reduction_factor), options.activation,
+                                     options.scale, options.zero_init, conv=layout.kind == "cnn")
+                reference = next(unit.parameters())
+                adapter.to(device=reference.device, dtype=reference.dtype)
+                _attach(module, adapter, layout.kind, options.placement)
+                trainable.extend(adapter.parameters())
     return MethodResult(trainable=trainable)

@@ -126,6 +126,8 @@ def select(tower: Tower, spec: str) -> Selection:
     names = tower.block_names()
     if spec == "all":
         return Selection(spec, list(range(count)))
+    if _TOP.match(spec) or _BLOCKS.match(spec):  # block indices mean something only in a known family
+        tower.require_layout(f"layers={spec!r}")
     if m := _TOP.match(spec):
         k = int(m.group(2))
         if not 1 <= k <= count:

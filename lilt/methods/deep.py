@@ -1,10 +1,12 @@
 """`deep`: append new trainable blocks of the tower's own type on top ("deep adapter", LilT).
 
 Each new block starts as the identity, so the model's outputs are unchanged at step 0:
-- pre-LN transformer blocks (ViT): residual branches end in zeroed projections (attn.proj, mlp.fc2);
-- post-LN blocks (BERT): the LayerNorm inside the block prevents that, so the copy runs behind a
-  gate, `x + g * (block(x) - x)` with g = 0 (ReZero-style);
-- CNN stages: a new inverted-residual block with a skip and a zeroed last BatchNorm scale.
+- pre-LN transformer blocks (ViT, Swin, T5): residual branches end in zeroed projections (attn.proj
+  and mlp.fc2; T5's o and wo); a Swin stage contributes a copy of its last transformer block;
+- post-LN blocks (BERT, RoBERTa, DistilBERT, MPNet): the LayerNorm inside the block prevents that, so
+  the copy runs behind a gate, `x + g * (block(x) - x)` with g = 0 (ReZero-style);
+- CNN stages (EfficientNet, ResNet, ConvNeXt): a new inverted-residual block with a skip and a zeroed
+  last BatchNorm scale.
 """
 
 from __future__ import annotations
@@ -65,18 +67,27 @@ def new_block(tower: Tower, source: nn.Module, init: str = "copy", identity: boo
     output unchanged; without, it is the same block with its output layers at their fresh initialization
     (what momentum inheritance mixes in).
     """
-    if tower.block_kind == "cnn":
+    layout = tower.require_layout("a new block (deep, depth growth)")
+    if layout.kind == "cnn":
         if channels is None:
             channels = tower.block_channels(tower.num_blocks - 1)
         block = new_cnn_block(channels, activation_of(source), identity)
-    elif tower.block_kind == "prenorm":
-        block = copy.deepcopy(source)
+    elif layout.kind == "prenorm":
+        # A stage of several units (Swin) contributes its last unit, which runs at the stage's resolution.
+        units = getattr(source, layout.units, None) if layout.units else None
+        block = copy.deepcopy(units[-1] if isinstance(units, (nn.Sequential, nn.ModuleList)) else source)
+        for module in block.modules():
+            # T5's first layer owns the relative-position table; the stem computes the bias once for all layers,
+            # so a copy of that layer would carry a table that never trains.
+            if getattr(module, "has_relative_attention_bias", False):
+                module.has_relative_attention_bias = False
+                del module.relative_attention_bias
         if init == "random":
             _reinit(block)
         if identity:
-            zero_(block.attn.proj)
-            zero_(block.mlp.fc2)
-    elif tower.block_kind == "postnorm":
+            for path in layout.residual_ends:
+                zero_(block.get_submodule(path))
+    elif layout.kind == "postnorm":
         inner = copy.deepcopy(source)
         if init == "random":
             _reinit(inner)
@@ -99,6 +110,7 @@ def apply_deep(tower: Tower, selection: Selection, options: DeepOptions, tag: st
     if selection.spec != "all":
         raise ConfigError(f"deep appends blocks on top of the tower; its `layers` must be 'all', "
                           f"not {selection.spec!r}.")
+    tower.require_layout("the deep method")
     if not tower.blocks():
         raise ConfigError(f"deep: the {tower.kind} tower exposes no blocks to copy.")
     last = tower.blocks()[-1]

@@ -9,16 +9,13 @@ from peft import IA3Config
 
 from ..configbase import ConfigBase, knob
 from ..errors import ConfigError
-from ..towers.base import Tower
+from ..towers.base import LAYOUTS, Tower
 from ._peft import inject, resolve_targets
-from .base import MethodResult, Selection, register_method
+from .base import MethodResult, Selection, register_method, short_name
 
-DEFAULT_IA3_TARGETS = {
-    "prenorm": ["attn.qkv", "mlp.fc2"],
-    "postnorm": ["attention.self.key", "attention.self.value", "output.dense"],
-    "cnn": ["*conv_pwl"],
-}
-DEFAULT_IA3_FEEDFORWARD = {"prenorm": ["mlp.fc2"], "postnorm": ["output.dense"], "cnn": ["*conv_pwl"]}
+# Per backbone family; the last default target is the feed-forward one (its input is rescaled).
+DEFAULT_IA3_TARGETS = {family: list(layout.ia3) for family, layout in LAYOUTS.items() if layout.ia3}
+DEFAULT_IA3_FEEDFORWARD = {family: targets[-1:] for family, targets in DEFAULT_IA3_TARGETS.items()}
 
 
 @dataclass
@@ -44,11 +41,11 @@ def apply_ia3(tower: Tower, selection: Selection, options: IA3Options, tag: str)
     targets = resolve_targets(tower, selection, options.target_modules, DEFAULT_IA3_TARGETS, "ia3")
     ff_patterns = options.feedforward_modules
     if ff_patterns is None:
-        ff_patterns = DEFAULT_IA3_FEEDFORWARD.get(tower.block_kind, []) if options.target_modules is None else []
+        ff_patterns = DEFAULT_IA3_FEEDFORWARD.get(tower.family, []) if options.target_modules is None else []
     names = tower.block_names()
 
     def is_feedforward(full: str) -> bool:
-        rel = next(full[len(b) + 1:] for b in names if full.startswith(b + "."))
+        rel = next((full[len(b) + 1:] for b in names if full.startswith(b + ".")), short_name(full))
         return any(fnmatch.fnmatchcase(rel, p) for p in ff_patterns)
 
     def make_config(found: list[str]) -> IA3Config:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -9,12 +10,6 @@ from ..configbase import ConfigBase, knob
 from ..errors import ConfigError
 from ..towers.base import Tower
 from .base import MethodResult, Selection, register_method
-
-# Block-relative name prefixes of each part, per block kind.
-_PARTS = {
-    "prenorm": {"attention": ("norm1.", "attn.", "ls1."), "mlp": ("norm2.", "mlp.", "ls2.")},
-    "postnorm": {"attention": ("attention.",), "mlp": ("intermediate.", "output.")},
-}
 
 
 @dataclass
@@ -29,17 +24,24 @@ class UnlockOptions(ConfigBase):
 def apply_unlock(tower: Tower, selection: Selection, options: UnlockOptions, tag: str) -> MethodResult:
     """Make the selected parameters trainable (all of them, or each block's attention or MLP)."""
     if options.what == "all":
+        if selection.prefixes is not None:  # top:K, blocks.I-J: a block list only known families have
+            tower.require_layout(f"unlock layers={selection.spec!r}")
         trainable = [p for _, p in selection.named_parameters(tower)]
     else:
-        parts = _PARTS.get(tower.block_kind, {}).get(options.what)
+        layout = tower.require_layout(f"unlock what={options.what!r}")
+        parts = layout.parts.get(options.what)
         if parts is None:
             raise ConfigError(f"unlock what={options.what!r} needs transformer blocks; the {tower.kind} tower's "
-                              f"blocks are {tower.block_kind!r}. Use what='all' with a `layers` selection.")
+                              f"{tower.family} blocks are {tower.block_kind!r}. Use what='all' with a `layers` "
+                              "selection.")
+        # Inside a stage of several units (Swin), a part's names follow the unit's index: blocks.3.attn.qkv.
+        unit = re.compile(rf"^{re.escape(layout.units)}\.\d+\.") if layout.units else None
         names = tower.block_names()
         trainable = []
         for i in selection.blocks:
             for rel, p in tower.blocks()[i].named_parameters():
-                if rel.startswith(parts) and selection.contains(f"{names[i]}.{rel}"):
+                inner = unit.sub("", rel) if unit is not None else rel
+                if inner.startswith(parts) and selection.contains(f"{names[i]}.{rel}"):
                     trainable.append(p)
     for p in trainable:
         p.requires_grad_(True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Mapping, Sequence
 
@@ -13,6 +14,61 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .._io import sha256_file
+from ..errors import ConfigError
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """Where the parts of one block of a backbone family sit (module paths relative to the block).
+
+    Block-level methods (adapter, unlock what=..., deep, depth growth, peft defaults) read this
+    instead of knowing each family; a family without a layout gets whole-tower methods only.
+    """
+
+    # How adapters hook in and how a new block starts as the identity: prenorm, postnorm or cnn.
+    kind: str
+    serial: dict[str, str]                                   # adapter site -> module a serial adapter wraps
+    parallel: dict[str, str] = field(default_factory=dict)   # adapter site -> sublayer (empty: no parallel)
+    parts: dict[str, tuple[str, ...]] = field(default_factory=dict)  # unlock what= -> parameter name prefixes
+    residual_ends: tuple[str, ...] = ()  # prenorm: output projections zeroed so a copied block is the identity
+    lora: tuple[str, ...] = ()           # default LoRA targets (module globs)
+    ia3: tuple[str, ...] = ()            # default IA3 targets; the last one is the feed-forward one
+    # A listed block that holds several repeated units (a Swin stage: its `blocks`); adapters go in each unit.
+    units: str = ""
+
+
+_VIT_PARTS = {"attention": ("norm1.", "attn.", "ls1."), "mlp": ("norm2.", "mlp.", "ls2.")}
+LAYOUTS: dict[str, BlockLayout] = {
+    "vit": BlockLayout("prenorm", {"attention": "norm1", "mlp": "norm2"}, {"attention": "attn", "mlp": "mlp"},
+                       _VIT_PARTS, ("attn.proj", "mlp.fc2"), ("attn.qkv", "attn.proj"), ("attn.qkv", "mlp.fc2")),
+    "swin": BlockLayout("prenorm", {"attention": "norm1", "mlp": "norm2"}, {"attention": "attn", "mlp": "mlp"},
+                        _VIT_PARTS, ("attn.proj", "mlp.fc2"), ("blocks.*.attn.qkv", "blocks.*.attn.proj"),
+                        ("blocks.*.attn.qkv", "blocks.*.mlp.fc2"), units="blocks"),
+    "bert": BlockLayout("postnorm", {"attention": "attention.output.dense", "mlp": "output.dense"},
+                        {"attention": "attention.output", "mlp": "output"},
+                        {"attention": ("attention.",), "mlp": ("intermediate.", "output.")}, (),
+                        ("attention.self.query", "attention.self.value"),
+                        ("attention.self.key", "attention.self.value", "output.dense")),
+    "distilbert": BlockLayout("postnorm", {"attention": "attention.out_lin", "mlp": "ffn.lin2"}, {},
+                              {"attention": ("attention.", "sa_layer_norm."), "mlp": ("ffn.", "output_layer_norm.")},
+                              (), ("attention.q_lin", "attention.v_lin"),
+                              ("attention.k_lin", "attention.v_lin", "ffn.lin2")),
+    "mpnet": BlockLayout("postnorm", {"attention": "attention.attn.o", "mlp": "output.dense"}, {},
+                         {"attention": ("attention.",), "mlp": ("intermediate.", "output.")}, (),
+                         ("attention.attn.q", "attention.attn.v"), ("attention.attn.k", "attention.attn.v",
+                                                                    "output.dense")),
+    "t5": BlockLayout("prenorm", {"attention": "layer.0.layer_norm", "mlp": "layer.1.layer_norm"}, {},
+                      {"attention": ("layer.0.",), "mlp": ("layer.1.",)},
+                      ("layer.0.SelfAttention.o", "layer.1.DenseReluDense.wo"),
+                      ("layer.0.SelfAttention.q", "layer.0.SelfAttention.v"),
+                      ("layer.0.SelfAttention.k", "layer.0.SelfAttention.v", "layer.1.DenseReluDense.wo")),
+    # CNN stages: one adapter after each stage; new blocks are inverted residuals.
+    "efficientnet": BlockLayout("cnn", {"stage": ""}, lora=("*conv_pw", "*conv_pwl"), ia3=("*conv_pwl",)),
+    "resnet": BlockLayout("cnn", {"stage": ""}, lora=("*conv1", "*conv2"), ia3=("*conv2",)),
+    "convnext": BlockLayout("cnn", {"stage": ""}, lora=("*mlp.fc1", "*mlp.fc2"), ia3=("*mlp.fc2",)),
+}
+SUPPORTED = {"vision": "timm ViT, Swin, ResNet, ConvNeXt, EfficientNet/MobileNetV3",
+             "text": "BERT, RoBERTa/XLM-R, DistilBERT, MPNet, T5/mT5 encoders"}
 
 
 def weights_sha256(folder: Path | None) -> str | None:
@@ -52,9 +108,10 @@ class Tower(nn.Module):
     """
 
     kind: ClassVar[str] = ""
-    # How a block is built decides where adapters go and how a new block can start as the identity:
-    # "prenorm" (timm ViT), "postnorm" (BERT), "cnn" (stages), or "generic" (no adapter/deep support).
-    block_kind: str = "generic"
+    # The backbone family (vit, swin, resnet, ..., bert, t5, or generic) and, when block-level methods
+    # support it, where the parts of its blocks sit.
+    family: str = "generic"
+    layout: BlockLayout | None = None
     hidden_size: int = 0
     # Whether stem, blocks and finish can run separately; if not, only appended blocks run apart.
     can_split: bool = True
@@ -71,6 +128,27 @@ class Tower(nn.Module):
         # Hash the pretrained weights now, before any rule or training can touch them.
         self.backbone_sha256 = state_dict_sha256(state)
         self.pristine_keys = frozenset(state)
+
+    @property
+    def block_kind(self) -> str:
+        """How blocks are built: "prenorm" (ViT, Swin, T5), "postnorm" (BERT-likes), "cnn" (stages) or "generic"."""
+        return self.layout.kind if self.layout is not None else "generic"
+
+    def require_layout(self, what: str) -> BlockLayout:
+        """The block layout, or a one-line error naming the backbone and the families that have one."""
+        if self.layout is None:
+            raise ConfigError(
+                f"{what} needs block-level access, which lilt does not have for the {self.kind} backbone "
+                f"{self.source!r} ({type(self.backbone).__name__}); supported {self.kind} families: "
+                f"{SUPPORTED[self.kind]}. Whole-tower methods (layernorm, bitfit, lock, unlock layers=all, "
+                "lora with target_modules) work on any backbone.")
+        return self.layout
+
+    def units(self, index: int) -> list[nn.Module]:
+        """The repeated units inside block `index` (a Swin stage's transformer blocks; else the block itself)."""
+        block = self.blocks()[index]
+        inner = getattr(block, self.layout.units, None) if self.layout is not None and self.layout.units else None
+        return list(inner) if isinstance(inner, (nn.Sequential, nn.ModuleList)) else [block]
 
     # -- what subclasses provide -------------------------------------------------------------
     def backbone_blocks(self) -> Sequence[nn.Module]:

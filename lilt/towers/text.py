@@ -9,12 +9,12 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
-from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModel, AutoModelForTextEncoding, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from ..config import TextConfig
 from ..errors import ConfigError
-from .base import Tower, weights_sha256
+from .base import LAYOUTS, Tower, weights_sha256
 from .packaged import is_packaged, packaged_info, packaged_path
 
 DEFAULT_MAX_LENGTH = 32  # LilT trains on captions of about 30 tokens
@@ -26,6 +26,20 @@ class TextContext:
 
     attention_mask: torch.Tensor  # (batch, tokens), 1 for real tokens
     layer_mask: Any = None        # the backbone's own mask format for its layers
+    position_bias: Any = None     # relative-position bias every layer adds (MPNet, T5)
+
+
+# Families whose layers lilt runs one by one: (family, layer list, a path inside a layer that identifies it,
+# paths in the backbone that must be absent). Checked in order; anything else is "generic".
+_TEXT_FAMILIES = (
+    # BERT, RoBERTa, XLM-R; not DeBERTa (relative embeddings) nor ELECTRA with a projection after the embeddings.
+    ("bert", "encoder.layer", "attention.output.LayerNorm", ("encoder.rel_embeddings", "embeddings_project")),
+    ("mpnet", "encoder.layer", "attention.attn.o", ()),
+    ("distilbert", "transformer.layer", "sa_layer_norm", ()),
+    ("t5", "encoder.block", "layer.1.layer_norm", ("decoder",)),  # the encoder alone (T5EncoderModel, mT5)
+)
+# Pooling when neither the config nor the backbone's folder says: T5 has no [CLS] token, so it averages.
+_DEFAULT_POOLING = {"t5": "mean"}
 
 
 def _resolve_source(config: TextConfig) -> tuple[str, dict[str, Any]]:
@@ -36,7 +50,7 @@ def _resolve_source(config: TextConfig) -> tuple[str, dict[str, Any]]:
             raise ConfigError(f"{config.name!r} is a {info.kind} backbone; TextConfig.name needs a text one.")
         conventions = {"pooling": info.pooling or "cls", "prefix": info.text_prefix, "max_length": info.max_length}
         return str(packaged_path(config.name)), conventions
-    conventions: dict[str, Any] = {"pooling": "cls", "prefix": "", "max_length": None}
+    conventions: dict[str, Any] = {"pooling": None, "prefix": "", "max_length": None}
     path = Path(config.name).expanduser()
     if path.is_dir():
         if not any(path.glob("*.safetensors")):
@@ -67,10 +81,15 @@ def load_text_backbone(source: str, model_kwargs: Mapping[str, Any]) -> tuple[nn
         if Path(source).is_dir():
             safe["use_safetensors"] = True
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=False)
+        # An encoder-decoder (T5, mT5) contributes its encoder only: AutoModel would build the decoder too.
+        encoder_only = getattr(config, "is_encoder_decoder", False) or any(
+            a.endswith("EncoderModel") for a in getattr(config, "architectures", None) or [])
+        auto = AutoModelForTextEncoding if encoder_only else AutoModel
         try:  # the pooler is never used (lilt pools itself); not building it keeps the budget honest
-            model = AutoModel.from_pretrained(source, add_pooling_layer=False, **safe)
+            model = auto.from_pretrained(source, add_pooling_layer=False, **safe)
         except TypeError:
-            model = AutoModel.from_pretrained(source, **safe)
+            model = auto.from_pretrained(source, **safe)
     except (OSError, ValueError, TypeError) as err:
         raise ConfigError(
             f"could not load text backbone {source!r} with model_kwargs {dict(model_kwargs)} ({err}). Without a "
@@ -95,17 +114,15 @@ class TextTower(Tower):
         conventions = dict(conventions or {})
         self.config = config
         self.tokenizer = tokenizer
-        self.pooling = config.pooling if config.pooling != "auto" else conventions.get("pooling", "cls")
+        self.hidden_size = int(getattr(backbone.config, "hidden_size", None) or backbone.config.d_model)
+        self.family, self._layers_path = self._find_family()
+        # Known families expose embeddings and layers, so the prefix can run apart and be cached.
+        self.can_split = self.family != "generic"
+        self.layout = LAYOUTS.get(self.family)
+        pooling = conventions.get("pooling") or _DEFAULT_POOLING.get(self.family, "cls")
+        self.pooling = config.pooling if config.pooling != "auto" else pooling
         self.prefix = config.prefix if config.prefix is not None else conventions.get("prefix", "")
         self.max_length = config.max_length or conventions.get("max_length") or DEFAULT_MAX_LENGTH
-        self.hidden_size = int(backbone.config.hidden_size)
-        self._layers_path = self._find_layers()
-        # BERT-like encoders expose embeddings and layers, so the prefix can run apart and be cached.
-        self.can_split = self._layers_path == "encoder.layer" and hasattr(backbone, "embeddings")
-        first = self.backbone_blocks()[0] if self.backbone_blocks() else None
-        parts = ("attention.output.dense", "attention.output.LayerNorm", "output.dense", "output.LayerNorm")
-        is_postnorm = first is not None and all(_get_path(first, p) is not None for p in parts)
-        self.block_kind = "postnorm" if is_postnorm else "generic"
 
     @classmethod
     def from_config(cls, config: TextConfig) -> "TextTower":
@@ -116,11 +133,17 @@ class TextTower(Tower):
         tower.weights_sha256 = weights_sha256(Path(source)) if Path(source).is_dir() else None
         return tower
 
-    def _find_layers(self) -> str:
-        for path in ("encoder.layer", "transformer.layer", "layers", "encoder.layers"):
+    def _find_family(self) -> tuple[str, str]:
+        """(family, module path of the layer list); ('generic', path or '') when lilt cannot run layers apart."""
+        for family, layers, probe, absent in _TEXT_FAMILIES:
+            found = _get_path(self.backbone, layers)
+            if isinstance(found, nn.ModuleList) and len(found) and _get_path(found[0], probe) is not None \
+                    and all(_get_path(self.backbone, path) is None for path in absent):
+                return family, layers
+        for path in ("encoder.layer", "transformer.layer", "layers", "encoder.layers", "encoder.block"):
             if isinstance(_get_path(self.backbone, path), nn.ModuleList):
-                return path
-        return ""
+                return "generic", path
+        return "generic", ""
 
     def tokenize(self, texts: Sequence[str] | str) -> dict[str, torch.Tensor]:
         """Prefix, tokenize, truncate to max_length and pad a batch of captions."""
@@ -137,7 +160,13 @@ class TextTower(Tower):
         return self._layers_path
 
     def stem_parameters(self) -> Iterable[nn.Parameter]:
-        return self.backbone.embeddings.parameters()
+        b = self.backbone
+        if self.family == "t5":  # the relative-position table of the first layer serves every layer
+            return [*b.encoder.embed_tokens.parameters(),
+                    *b.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.parameters()]
+        if self.family == "mpnet":
+            return [*b.embeddings.parameters(), *b.encoder.relative_attention_bias.parameters()]
+        return b.embeddings.parameters()
 
     def embed(self, inputs: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, TextContext]:
         attention_mask = inputs["attention_mask"]
@@ -146,17 +175,32 @@ class TextTower(Tower):
             return hidden, TextContext(attention_mask)
         from transformers.masking_utils import create_bidirectional_mask
 
-        extra = {"token_type_ids": inputs["token_type_ids"]} if "token_type_ids" in inputs else {}
-        hidden = self.backbone.embeddings(input_ids=inputs["input_ids"], **extra)
-        layer_mask = create_bidirectional_mask(config=self.backbone.config, inputs_embeds=hidden,
-                                               attention_mask=attention_mask)
-        return hidden, TextContext(attention_mask, layer_mask)
+        b, ids = self.backbone, inputs["input_ids"]
+        position_bias = None
+        if self.family == "t5":  # what T5Stack.forward does before its blocks
+            hidden = b.encoder.dropout(b.encoder.embed_tokens(ids))
+            attention = b.encoder.block[0].layer[0].SelfAttention
+            position_bias = attention.compute_bias(ids.shape[1], ids.shape[1], device=ids.device)
+        elif self.family == "bert":
+            extra = {"token_type_ids": inputs["token_type_ids"]} if "token_type_ids" in inputs else {}
+            hidden = b.embeddings(input_ids=ids, **extra)
+        else:
+            hidden = b.embeddings(input_ids=ids)
+        if self.family == "mpnet":
+            position_bias = b.encoder.compute_position_bias(hidden)
+        layer_mask = create_bidirectional_mask(config=b.config, inputs_embeds=hidden, attention_mask=attention_mask)
+        return hidden, TextContext(attention_mask, layer_mask, position_bias)
 
     def run_block(self, block: nn.Module, hidden: torch.Tensor, context: TextContext) -> torch.Tensor:
-        out = block(hidden, context.layer_mask)
+        if context.position_bias is not None:
+            out = block(hidden, context.layer_mask, position_bias=context.position_bias)
+        else:
+            out = block(hidden, context.layer_mask)
         return out[0] if isinstance(out, tuple) else out
 
     def finish(self, hidden: torch.Tensor, context: TextContext) -> torch.Tensor:
+        if self.family == "t5":
+            hidden = self.backbone.encoder.dropout(self.backbone.encoder.final_layer_norm(hidden))
         if self.pooling == "cls":
             return hidden[:, 0]
         mask = context.attention_mask.unsqueeze(-1).to(hidden.dtype)

@@ -11,26 +11,43 @@ from torch import nn
 
 from ..config import VisionConfig
 from ..errors import ConfigError, did_you_mean
-from .base import Tower, weights_sha256
+from .base import LAYOUTS, Tower, weights_sha256
 from .packaged import is_packaged, packaged_path
 
 # Module names after the blocks, per family: they finish features and pool them.
 _FINISH = {
     "vit": ("norm", "fc_norm", "attn_pool", "head", "head_drop"),
     "efficientnet": ("conv_head", "bn2", "norm_head", "global_pool", "classifier"),
+    "resnet": ("global_pool", "fc"),
+    "convnext": ("norm_pre", "head"),
+    "swin": ("norm", "head"),
 }
+# Where each family's blocks are: one container of blocks (ViT) or of stages (the rest), or ResNet's layerN.
+_BLOCKS = {"vit": "blocks", "efficientnet": "blocks", "convnext": "stages", "swin": "layers"}
 
 
 def _family(backbone: nn.Module) -> str:
+    """Which backbone family a timm model is (by class; subclasses count), or 'generic'."""
+    from timm.models.convnext import ConvNeXt
     from timm.models.efficientnet import EfficientNet
     from timm.models.mobilenetv3 import MobileNetV3
+    from timm.models.resnet import ResNet
+    from timm.models.swin_transformer import SwinTransformer
     from timm.models.vision_transformer import VisionTransformer
 
-    if isinstance(backbone, VisionTransformer):
-        return "vit"
-    if isinstance(backbone, (EfficientNet, MobileNetV3)):
-        return "efficientnet"
-    return "generic"
+    families = {"vit": VisionTransformer, "efficientnet": (EfficientNet, MobileNetV3), "resnet": ResNet,
+                "convnext": ConvNeXt, "swin": SwinTransformer}
+    return next((name for name, cls in families.items() if isinstance(backbone, cls)), "generic")
+
+
+def _block_paths(backbone: nn.Module, family: str) -> list[str]:
+    """Module paths of the blocks (ViT blocks or CNN/Swin stages) inside the backbone."""
+    if family == "resnet":
+        return [f"layer{i}" for i in range(1, 5) if isinstance(getattr(backbone, f"layer{i}", None), nn.Module)]
+    attr = _BLOCKS.get(family) or next((a for a in ("blocks", "stages", "layers") if isinstance(
+        getattr(backbone, a, None), (nn.Sequential, nn.ModuleList))), "")
+    container = getattr(backbone, attr, None) if attr else None
+    return [f"{attr}.{i}" for i in range(len(container))] if container is not None else []
 
 
 def _local_dir(name: str) -> Path | None:
@@ -102,14 +119,17 @@ class VisionTower(Tower):
         self.freeze_bn_stats = config.freeze_bn_stats
         self.hidden_size = int(getattr(backbone, "head_hidden_size", None) or backbone.num_features)
         self.can_split = self.family != "generic"
-        self._blocks_attr = next((a for a in ("blocks", "stages", "layers")
-                                  if isinstance(getattr(backbone, a, None), (nn.Sequential, nn.ModuleList))), "")
+        self._block_paths = _block_paths(backbone, self.family)
+        self._blocks_attr = self._block_paths[0].split(".")[0] if self._block_paths else ""
         if self.family == "vit":
             first = self.backbone_blocks()[0] if self.backbone_blocks() else None
             is_prenorm = all(hasattr(first, a) for a in ("norm1", "attn", "norm2", "mlp"))
-            self.block_kind = "prenorm" if is_prenorm else "generic"
-        elif self.family == "efficientnet":
-            self.block_kind = "cnn"
+            self.layout = LAYOUTS["vit"] if is_prenorm else None
+        elif self.family != "generic":
+            self.layout = LAYOUTS[self.family]
+        # Stage output widths as timm records them (ResNet, ConvNeXt, Swin stages are feature_info modules).
+        self._stage_channels = {info["module"]: int(info["num_chs"]) for info in getattr(backbone, "feature_info", [])
+                                if isinstance(info, dict) and "module" in info}
         self.channels_last = config.channels_last and self.family == "efficientnet"
         if self.channels_last:
             self.backbone.to(memory_format=torch.channels_last)
@@ -130,13 +150,17 @@ class VisionTower(Tower):
         return timm.data.create_transform(**self.data_config, is_training=train)
 
     def backbone_blocks(self) -> Sequence[nn.Module]:
-        return list(getattr(self.backbone, self._blocks_attr)) if self._blocks_attr else []
+        return [self.backbone.get_submodule(path) for path in self._block_paths]
+
+    def block_names(self) -> list[str]:
+        extra = [f"extra_blocks.{i}" for i in range(len(self.extra_blocks))]
+        return [f"backbone.{p}" for p in self._block_paths] + extra
 
     def backbone_block_prefix(self) -> str:
         return self._blocks_attr
 
     def stem_parameters(self) -> Iterable[nn.Parameter]:
-        skip = (self._blocks_attr, *_FINISH.get(self.family, ()))
+        skip = {*(p.split(".")[0] for p in self._block_paths), *_FINISH.get(self.family, ())}
         return (p for n, p in self.backbone.named_parameters() if n.split(".")[0] not in skip)
 
     def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, None]:
@@ -147,23 +171,37 @@ class VisionTower(Tower):
             x = b.norm_pre(b.patch_drop(b._pos_embed(b.patch_embed(images))))
         elif self.family == "efficientnet":
             x = b.bn1(b.conv_stem(images))
+        elif self.family == "resnet":
+            x = b.maxpool(b.act1(b.bn1(b.conv1(images))))
+        elif self.family == "convnext":
+            x = b.stem(images)
+        elif self.family == "swin":  # tokens stay (B, H, W, C) between stages
+            x = b.patch_embed(images)
         else:  # the whole backbone is the "stem"; only appended blocks run separately
             x = b.forward_features(images)
         return x, None
 
     def finish(self, hidden: torch.Tensor, context: None) -> torch.Tensor:
         b = self.backbone
-        if self.family == "vit":
+        if self.family in ("vit", "swin"):
             hidden = b.norm(hidden)
+        elif self.family == "convnext":
+            hidden = b.norm_pre(hidden)
         elif self.family == "efficientnet" and hasattr(b, "bn2"):  # MobileNetV3 has its head conv in forward_head
             hidden = b.bn2(b.conv_head(hidden))
         return b.forward_head(hidden, pre_logits=True)
 
     def block_channels(self, index: int) -> int:
-        """Output width of block `index` (tokens: embedding size; CNN stages: channels)."""
-        block = self.blocks()[index]
-        if self.block_kind == "prenorm":
+        """Output width of block `index` (tokens: embedding size; CNN/Swin stages: channels)."""
+        if self.family == "vit":
             return int(self.backbone.embed_dim)
+        paths = self._block_paths
+        if self.family in ("resnet", "convnext", "swin") and paths:
+            # Appended and inserted blocks keep the width of the stage they follow.
+            path = paths[min(index, len(paths) - 1)]
+            if path in self._stage_channels:
+                return self._stage_channels[path]
+        block = self.blocks()[index]
         norms = [m for m in block.modules() if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm))]
         if not norms:
             raise ConfigError(f"cannot tell the output channels of vision block {index} ({type(block).__name__}).")
