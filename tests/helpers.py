@@ -12,6 +12,7 @@ import subprocess
 import sys
 import zlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import datasets
 import numpy as np
@@ -100,6 +101,24 @@ class FakeModel(torch.nn.Module):
         self.images_seen += len(pixels)
         self.training_while_encoding.add(self.training)
         return F.normalize(F.pad(pixels, (0, self.dim - pixels.shape[1])), dim=-1)
+
+
+def searchable_fake_model() -> FakeModel:
+    """A FakeModel that `export_embeddings` accepts (it records the backbones' names in the index)."""
+    model = FakeModel()
+    model.vision = model.text = SimpleNamespace(source="fake-colours")
+    return model.eval()
+
+
+def write_colour_table(folder: Path, captions_per_image: int = 1) -> Path:
+    """red.png, green.png, blue.png (a cat, a dog, a bird for FakeModel) and pairs.csv naming them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = ["image,text,lang,key"]
+    for name, rgb in COLOURS.items():
+        Image.new("RGB", (8, 8), rgb).save(folder / f"{name}.png")
+        rows += [f"{name}.png,a {name} thing {i},en,item-{name}" for i in range(captions_per_image)]
+    (folder / "pairs.csv").write_text("\n".join(rows) + "\n")
+    return folder / "pairs.csv"
 
 
 def png(rgb: tuple[int, int, int], size: int = 4) -> dict:
