@@ -88,7 +88,7 @@ def build_app(searchers: Sequence[Searcher], k: int = 8, title: str = "lilt sear
     if not 1 <= len(searchers) <= 2:
         raise ConfigError(f"build_app shows one or two searchers side by side, got {len(searchers)}.")
     run = make_search(searchers, k)
-    with gr.Blocks(title=title) as app:
+    with gr.Blocks(title=title, analytics_enabled=False) as app:  # a local tool sends nothing out
         gr.Markdown(f"# {title}\nType a query in any language and press Enter, or drop an image.")
         with gr.Row():
             text = gr.Textbox(label="query", placeholder="a red boat / mashua nyekundu", scale=4, elem_id="query")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import COLOURS, searchable_fake_model, write_colour_table
+from helpers import ANIMALS, COLOURS, searchable_fake_model, write_colour_table
 from safetensors.torch import save_file
 
 from lilt.cli import main
@@ -110,7 +110,7 @@ def test_ids_are_paths_each_image_once_and_text_and_image_queries_find_them(tmp_
     captions = open_index(tmp_path / "captions.parquet")
     # One caption per id: the first row of each key.
     assert captions.table.column("id").to_pylist() == [f"item-{c}" for c in COLOURS]
-    assert captions.table.column("text").to_pylist() == [f"a {c} thing 0" for c in COLOURS]
+    assert captions.table.column("text").to_pylist() == [f"a {ANIMALS[c]} number 0" for c in COLOURS]
 
 
 def test_append_adds_only_new_ids_and_an_interrupted_append_keeps_the_old_index(tmp_path: Path) -> None:
@@ -164,8 +164,8 @@ def test_search_command_prints_paths_json_and_image_queries(make_model, tmp_path
     assert [r["query"] for r in results] == ["mbwa", image] and len(results[0]["hits"]) == 3
     assert {"rank", "id", "score", "path"} <= set(results[1]["hits"][0])
     assert results[1]["hits"][0]["path"] == str(Path(image).resolve())  # an image finds itself first
-    assert main(["search", "--model", m, "--index", str(tmp_path / "captions"), "--query", "thing", "-k", "1"]) == 0
+    assert main(["search", "--model", m, "--index", str(tmp_path / "captions"), "--query", "number", "-k", "1"]) == 0
     hit = capsys.readouterr().out.splitlines()[1]
-    assert "thing" in hit and "[item-" in hit
+    assert "number" in hit and "[item-" in hit
     assert main(["search", "--model", m, "--index", index]) == 2
     assert "needs a query" in capsys.readouterr().err
