@@ -100,3 +100,40 @@ def test_the_page_in_a_real_browser_shows_the_expected_thumbnail_first(tmp_path:
     finally:
         driver.quit()
         app.close()
+
+
+def test_newcomer_path_train_eval_embed_search_on_a_tiny_table(tiny_dirs, tmp_path: Path, capsys) -> None:
+    """The README's path on a 12-pair table: train -> eval -> embed -> search prints image file paths."""
+    import time
+
+    import yaml
+    from helpers import FOLDER_CAPTIONS, LWA, NO_DROPOUT, write_images
+
+    names = write_images(tmp_path / "data", 12, size=32)
+    rows = [f"{name},{FOLDER_CAPTIONS[i % len(FOLDER_CAPTIONS)]}" for i, name in enumerate(names)]
+    (tmp_path / "data" / "pairs.csv").write_text("image,text\n" + "\n".join(rows) + "\n")
+    table = str(tmp_path / "data" / "pairs.csv")
+    recipe = {"model": {"vision": {"name": str(tiny_dirs["vit"]), "image_size": 32},
+                        "text": {"name": str(tiny_dirs["bert"]), **NO_DROPOUT}, "embed_dim": 16},
+              "plan": yaml.safe_load(LWA.read_text())["plan"],
+              "train": {"steps": 4, "batch_size": 4, "report_to": [], "warmup_steps": 1},
+              "data": {"source": table, "num_workers": 0}}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    model, index = str(tmp_path / "run" / "model"), str(tmp_path / "index")
+    steps = {"train": ["train", "--recipe", str(tmp_path / "recipe.yaml"), "--output-dir", str(tmp_path / "run")],
+             "eval": ["eval", "--model", model, "--data", table, "--out", str(tmp_path / "eval")],
+             "embed": ["embed", "--model", model, "--data", table, "--out", index],
+             "search": ["search", "--model", model, "--index", index, "a small dog", "-k", "3"]}
+    seconds = {}
+    for step, args in steps.items():
+        start = time.perf_counter()
+        assert main(args) == 0, step
+        seconds[step] = round(time.perf_counter() - start, 1)
+    out = capsys.readouterr().out
+    hits = out[out.index("'a small dog':"):].splitlines()[1:]
+    assert len(hits) == 3
+    for hit in hits:
+        rank, score, path = hit.split()
+        assert Path(path).is_file() and Path(path).parent == (tmp_path / "data").resolve() and abs(float(score)) <= 1
+    assert (tmp_path / "eval" / "eval.json").is_file()
+    print("newcomer path wall times (s):", seconds)
