@@ -105,9 +105,12 @@ def cmd_embed(args: argparse.Namespace) -> int:
             raise ConfigError(f"--id-column {args.id_column}: {len(ids)} values for {len(data)} pairs; the column "
                               "must come from the same table as the pairs.")
         data = data.add_column(args.id_column, ids)
-    for path in export_embeddings(model, data, args.what, args.out, id_column=args.id_column, append=args.append,
-                                  batch_size=args.batch_size, num_workers=args.num_workers):
+    written = export_embeddings(model, data, args.what, args.out, id_column=args.id_column, append=args.append,
+                                batch_size=args.batch_size, num_workers=args.num_workers)
+    for path in written:
         print(f"wrote {path}")
+    if not written:
+        print(f"nothing to add: every id is already in {args.out}")
     return 0
 
 

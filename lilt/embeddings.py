@@ -116,6 +116,7 @@ def export_embeddings(model: Any, data: datasets.Dataset, what: Literal["image",
 
     Ids: `data[id_column]` when given, else an image's file path (`sha1:...` of its bytes when it has none)
     or a caption's text. `append=True` adds the ids not yet in an existing index at `out` (same model).
+    Returns the files written (none when an append finds nothing new).
     """
     if what not in ("image", "text"):
         raise ConfigError(f"what={what!r}: choose 'image' or 'text'.")
@@ -133,7 +134,7 @@ def export_embeddings(model: Any, data: datasets.Dataset, what: Literal["image",
         present = set(old.table.column("id").to_pylist())
         first = {item: row for item, row in first.items() if item not in present}
         if not first:
-            return [old.path] if old.path.suffix == ".parquet" else list(_index_files(out))
+            return []  # nothing new: the index stays as it is
     rows = list(first.values())
     table: dict[str, list] = {"id": list(first)}
     was_training = model.training

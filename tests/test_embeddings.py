@@ -121,6 +121,8 @@ def test_append_adds_only_new_ids_and_an_interrupted_append_keeps_the_old_index(
     seen = model.images_seen
     export_embeddings(model, data, "image", tmp_path / "index", append=True, progress=False)
     assert model.images_seen - seen == 1  # only blue.png was new
+    assert export_embeddings(model, data, "image", tmp_path / "index", append=True, progress=False) == []
+    assert model.images_seen - seen == 1
     vectors, table = load_index(tmp_path / "index")
     export_embeddings(model, data, "image", tmp_path / "fresh", progress=False)
     fresh_vectors, fresh_table = load_index(tmp_path / "fresh")
@@ -152,7 +154,8 @@ def test_search_command_prints_paths_json_and_image_queries(make_model, tmp_path
     assert main(["embed", "--model", m, "--data", str(table), "--out", index]) == 0
     assert main(["embed", "--model", m, "--data", str(table), "--what", "text", "--id-column", "key",
                  "--out", str(tmp_path / "captions")]) == 0
-    capsys.readouterr()
+    assert main(["embed", "--model", m, "--data", str(table), "--out", index, "--append"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"nothing to add: every id is already in {index}"
     assert main(["search", "--model", m, "--index", index, "a red boat", "-k", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "'a red boat':" and len(lines) == 3
