@@ -135,27 +135,9 @@ def export_embeddings(model: Any, data: datasets.Dataset, what: Literal["image",
         first = {item: row for item, row in first.items() if item not in present}
         if not first:
             return []  # nothing new: the index stays as it is
-    rows = list(first.values())
-    table: dict[str, list] = {"id": list(first)}
-    was_training = model.training
-    if what == "image":
-        subset = data.select(rows)
-        vectors, kept, skipped = embed_images(model.eval(), subset, batch_size=batch_size,
-                                              num_workers=num_workers, progress=progress)
-        if len(kept) != len(rows):
-            raise DataError(f"{len(rows) - len(kept)} images could not be read ({skipped[:3]}); fix or drop them "
-                            "before exporting, so ids and vectors stay aligned.")
-        keys = image_keys(subset)
-        table["path"] = pa.array([key if isinstance(key, str) else None for key in keys], pa.string())
-    else:
-        texts = [data["text"][r] for r in rows] if len(rows) < len(data) else data["text"]
-        vectors = embed_texts(model.eval(), texts, batch_size=batch_size, progress=progress)
-        table["text"] = list(texts)
-        if "lang" in data.column_names:
-            langs = data["lang"]
-            table["lang"] = [langs[r] for r in rows]
-    model.train(was_training)
-    new = pa.table(table)
+    vectors, columns = _embed_rows(model, data, what, list(first.values()), batch_size=batch_size,
+                                   num_workers=num_workers, progress=progress)
+    new = pa.table({"id": list(first), **columns})
     if old is not None:
         if vectors.shape[1] != old.dim:
             raise ConfigError(f"{old.path} holds {old.dim}-d embeddings, this model makes {vectors.shape[1]}-d "
@@ -166,6 +148,30 @@ def export_embeddings(model: Any, data: datasets.Dataset, what: Literal["image",
     # A token shared by the vectors and the ids: a crash between the two writes cannot pair new with old.
     meta.update(dim=str(vectors.shape[1]), count=str(len(vectors)), token=uuid.uuid4().hex)
     return _write(out, vectors, new.replace_schema_metadata(meta), meta)
+
+
+def _embed_rows(model: Any, data: datasets.Dataset, what: str, rows: list[int], **options: Any
+                ) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Embed the images (or captions) of these rows; their table columns besides the id."""
+    was_training = model.training
+    model.eval()
+    if what == "image":
+        subset = data.select(rows)
+        vectors, kept, skipped = embed_images(model, subset, **options)
+        if len(kept) != len(rows):
+            raise DataError(f"{len(rows) - len(kept)} images could not be read ({skipped[:3]}); fix or drop them "
+                            "before exporting, so ids and vectors stay aligned.")
+        columns = {"path": pa.array([k if isinstance(k, str) else None for k in image_keys(subset)], pa.string())}
+    else:
+        options.pop("num_workers")
+        texts = data["text"]
+        columns = {"text": [texts[r] for r in rows]}
+        if "lang" in data.column_names:
+            langs = data["lang"]
+            columns["lang"] = [langs[r] for r in rows]
+        vectors = embed_texts(model, columns["text"], **options)
+    model.train(was_training)
+    return vectors, columns
 
 
 def model_fingerprint(model: Any) -> str:
