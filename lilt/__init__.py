@@ -59,6 +59,8 @@ _EXPORTS = {
     "GrowthStage": "lilt.config",
     "export_embeddings": "lilt.embeddings",
     "search": "lilt.embeddings",
+    "search_index": "lilt.embeddings",
+    "open_index": "lilt.embeddings",
     "RidgeMap": "lilt.baselines",
     "heads_from_ridge": "lilt.baselines",
     "trainable_state": "lilt.interpolation",

@@ -1,4 +1,4 @@
-"""`lilt` command line: info | train | grow | eval | embed | search | report | demo | recipes | push."""
+"""`lilt` command line: info | train | grow | eval | embed | search | serve | report | demo | recipes | push."""
 
 from __future__ import annotations
 
@@ -109,9 +109,18 @@ def cmd_embed(args: argparse.Namespace) -> int:
     # Images alone need no caption column; one named with --text-column must still exist.
     data = load_pairs(args.data, split=args.split, langs=args.langs, **_columns(args),
                       captions=args.what == "text" or args.text_column is not None)
-    for path in export_embeddings(model, data, args.what, args.out, batch_size=args.batch_size,
-                                  num_workers=args.num_workers):
+    if args.id_column and args.id_column not in data.column_names:
+        ids = _id_column(args)
+        if len(ids) != len(data):
+            raise ConfigError(f"--id-column {args.id_column}: {len(ids)} values for {len(data)} pairs; the column "
+                              "must come from the same table as the pairs.")
+        data = data.add_column(args.id_column, ids)
+    written = export_embeddings(model, data, args.what, args.out, id_column=args.id_column, append=args.append,
+                                batch_size=args.batch_size, num_workers=args.num_workers)
+    for path in written:
         print(f"wrote {path}")
+    if not written:
+        print(f"nothing to add: every id is already in {args.out}")
     return 0
 
 
@@ -121,17 +130,86 @@ def _columns(args: argparse.Namespace) -> dict[str, str]:
     return {k: v for k, v in names.items() if v is not None}
 
 
-def cmd_search(args: argparse.Namespace) -> int:
-    """Answer text queries against exported image embeddings."""
-    import lilt
-    from .embeddings import search
+def _id_column(args: argparse.Namespace) -> list[str]:
+    """The source's --id-column, row for row with load_pairs(source), which keeps only image/text/lang."""
+    # A second read of the same local file or folder; load_pairs cannot yet keep an extra column.
+    import datasets
 
+    path, suffix = Path(args.data), Path(args.data).suffix.lower()
+    if path.is_file() and suffix in (".csv", ".tsv", ".json", ".jsonl", ".parquet"):
+        raw = datasets.load_dataset({".tsv": "csv", ".jsonl": "json"}.get(suffix, suffix[1:]), data_files=str(path),
+                                    split="train", **({"delimiter": "\t"} if suffix == ".tsv" else {}))
+    elif path.is_dir() and any((path / f).exists() for f in ("dataset_info.json", "dataset_dict.json")):
+        raw = datasets.load_from_disk(str(path))
+        raw = raw[args.split] if isinstance(raw, datasets.DatasetDict) else raw
+    elif path.is_dir():
+        raw = datasets.load_dataset("imagefolder", data_dir=str(path), split=args.split)
+    else:
+        raise ConfigError(f"--id-column reads a local table or folder; {args.data!r} is neither (omit --id-column: "
+                          "images are then named by their file path).")
+    if args.id_column not in raw.column_names:
+        raise ConfigError(f"--id-column {args.id_column!r} is not a column of {args.data} (columns: "
+                          f"{', '.join(raw.column_names)}).")
+    if args.langs:
+        wanted = set(args.langs)
+        lang = args.lang_column or "lang"
+        raw = raw.filter(lambda batch: [x in wanted for x in batch[lang]], batched=True)
+    return [str(v) for v in raw[args.id_column]]
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    """Answer text and image queries against an index exported by `lilt embed`."""
+    import lilt
+    from .embeddings import open_index, search_index
+
+    queries = [*args.queries, *(args.query or [])]
+    if not queries and not args.image:
+        raise ConfigError("lilt search needs a query: `lilt search --model M --index I \"a red boat\"` "
+                          "or --image photo.jpg.")
     model = lilt.DualEncoder.from_pretrained(args.model)
-    for query, hits in zip(args.query, search(model, args.index, args.query, k=args.k)):
-        print(f"{query!r}:")
-        for rank, (item, score) in enumerate(hits, 1):
-            print(f"  {rank:>2}. {score:.3f}  {item}")
+    index = open_index(args.index)
+    results = search_index(model, index, queries, args.image or [], k=args.k)
+    if args.json:
+        print(json.dumps(results, indent=1, ensure_ascii=False))
+        return 0
+    for result, is_image in zip(results, [False] * len(queries) + [True] * len(args.image or [])):
+        print(f"{result['query']!r}{' (image)' if is_image else ''}:")
+        for hit in result["hits"]:
+            print(f"  {hit['rank']:>2}. {hit['score']:.3f}  {hit_label(hit)}")
     return 0
+
+
+def hit_label(hit: dict[str, Any]) -> str:
+    """What a search hit shows: an image's path or a caption's text (with the id when that differs), else the id."""
+    shown = hit.get("path") or hit.get("text") or hit["id"]
+    return shown if shown == hit["id"] else f"{shown}  [{hit['id']}]"
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """A search page (gradio) over one index, or two models' indexes side by side."""
+    from .serve import build_app, load_searcher, require_gradio
+
+    require_gradio()  # before minutes of model loading
+    if (args.model2 is None) != (args.index2 is None):
+        raise ConfigError("--model2 and --index2 go together: the second model and the index it exported.")
+    searchers = [load_searcher(args.model, args.index)]
+    if args.model2:
+        searchers.append(load_searcher(args.model2, args.index2))
+    build_app(searchers, k=args.k).launch(server_name=args.host, server_port=args.port)
+    return 0
+
+
+def add_serve_parser(sub: Any) -> None:
+    """`lilt serve`: its arguments."""
+    serve = sub.add_parser("serve", help="a search page over exported indexes (needs the extra lilt[serve])")
+    serve.add_argument("--model", required=True, help="a folder written by save_pretrained / lilt train")
+    serve.add_argument("--index", required=True, help="an index the model exported with lilt embed")
+    serve.add_argument("--model2", help="a second model, shown side by side")
+    serve.add_argument("--index2", help="the index the second model exported")
+    serve.add_argument("--port", type=int, default=7860, help="default 7860")
+    serve.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (0.0.0.0 serves the network)")
+    serve.add_argument("-k", type=int, default=8, help="hits shown per model (default 8)")
+    serve.set_defaults(func=cmd_serve)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -222,11 +300,18 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--langs", nargs="+", help="only captions in these languages")
     embed.add_argument("--what", default="image", choices=["image", "text"])
     embed.add_argument("--out", required=True, help="FILE: FILE.safetensors + FILE.parquet, or FILE.parquet alone")
-    search = sub.add_parser("search", help="text queries against embeddings exported by `lilt embed`")
+    embed.add_argument("--id-column", help="a column of the source to use as ids (default: the image's file path, "
+                       "or the caption for --what text)")
+    embed.add_argument("--append", action="store_true", help="add items whose ids are not in the index at --out yet "
+                       "(same model and --what)")
+    search = sub.add_parser("search", help="text or image queries against an index made by `lilt embed`")
+    search.add_argument("queries", nargs="*", metavar="QUERY", help="text queries, in any language the model reads")
     search.add_argument("--model", required=True)
     search.add_argument("--index", required=True, help="the .safetensors or .parquet written by lilt embed")
-    search.add_argument("--query", nargs="+", required=True)
-    search.add_argument("-k", type=int, default=5)
+    search.add_argument("--query", nargs="+", help="more text queries")
+    search.add_argument("--image", action="append", help="an image file as the query (repeatable)")
+    search.add_argument("-k", type=int, default=5, help="hits per query (default 5)")
+    search.add_argument("--json", action="store_true", help="print [{query, hits: [{rank, id, score, ...}]}]")
     report = sub.add_parser("report", help="compare the eval.json of several runs side by side")
     report.add_argument("runs", nargs="+", help="folders holding eval.json (lilt eval --out)")
     report.add_argument("--metric", default="i2t/R@1")
@@ -257,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. train.steps=50")
     demo.set_defaults(func=cmd_demo)
     add_publishing_commands(sub)
+    add_serve_parser(sub)
     return parser
 
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import zlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import datasets
 import numpy as np
@@ -57,6 +58,7 @@ def write_imagefolder(folder: Path, n: int, corrupt: int = 0) -> Path:
 # Colour axes of the fake model: a red image is a cat, a green one a dog, a blue one a bird.
 ANCHORS = {"cat": 0, "paka": 0, "dog": 1, "mbwa": 1, "bird": 2, "ndege": 2}
 COLOURS = {"red": (230, 10, 10), "green": (10, 230, 10), "blue": (10, 10, 230)}
+ANIMALS = {"red": "cat", "green": "dog", "blue": "bird"}
 
 
 class FakeModel(torch.nn.Module):
@@ -100,6 +102,24 @@ class FakeModel(torch.nn.Module):
         self.images_seen += len(pixels)
         self.training_while_encoding.add(self.training)
         return F.normalize(F.pad(pixels, (0, self.dim - pixels.shape[1])), dim=-1)
+
+
+def searchable_fake_model() -> FakeModel:
+    """A FakeModel that `export_embeddings` accepts (it records the backbones' names in the index)."""
+    model = FakeModel()
+    model.vision = model.text = SimpleNamespace(source="fake-colours")
+    return model.eval()
+
+
+def write_colour_table(folder: Path, captions_per_image: int = 1) -> Path:
+    """red.png, green.png, blue.png and pairs.csv captioning them "a cat/dog/bird number I" (FakeModel's axes)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = ["image,text,lang,key"]
+    for name, rgb in COLOURS.items():
+        Image.new("RGB", (8, 8), rgb).save(folder / f"{name}.png")
+        rows += [f"{name}.png,a {ANIMALS[name]} number {i},en,item-{name}" for i in range(captions_per_image)]
+    (folder / "pairs.csv").write_text("\n".join(rows) + "\n")
+    return folder / "pairs.csv"
 
 
 def png(rgb: tuple[int, int, int], size: int = 4) -> dict:

@@ -19,7 +19,9 @@ def image_keys(data: datasets.Dataset) -> list[Any]:
         # Embedded files keep only their base name as `path`: two different 1.jpg must not merge.
         return [("bytes", hashlib.sha1(b).hexdigest()) if b else (p if p else ("row", i))
                 for i, (p, b) in enumerate(zip(paths, blobs))]
-    paths = column.to_pylist() if pa.types.is_string(column.type) else [None] * len(column)
+    # Tables read by datasets give large_string paths; both string kinds are paths.
+    is_text = pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
+    paths = column.to_pylist() if is_text else [None] * len(column)
     return [p if p else ("row", i) for i, p in enumerate(paths)]
 
 

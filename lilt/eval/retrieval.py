@@ -36,6 +36,35 @@ class EmbeddedPairs:
 
 
 @torch.inference_mode()
+def embed_images(model: Any, data: datasets.Dataset, *, features: bool = False, batch_size: int = 256,
+                 num_workers: int = 0, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Embed every row's image: (embeddings of the readable ones, their row numbers, what could not be read)."""
+    collate = PairCollator(model.image_transform(train=False), tokenize=None, extra_columns=())
+    loader = pair_loader(data, collate, batch_size, shuffle=False, drop_last=False, num_workers=num_workers)
+    encode = model.image_features if features else model.encode_image
+    images, kept, skipped = [], [], []
+    for batch in tqdm(loader, disable=not progress, desc="images", leave=False):
+        skipped += batch["bad"]
+        if "pixel_values" in batch:
+            images.append(encode(batch["pixel_values"].to(model.device)).float().cpu())
+            kept.append(batch["rows"])
+    if not images:
+        raise DataError(f"none of the {len(data)} images could be read (e.g. {'; '.join(skipped[:3])}).")
+    return check_finite(torch.cat(images), "image embeddings"), torch.cat(kept), skipped
+
+
+@torch.inference_mode()
+def embed_texts(model: Any, texts: Sequence[str], *, features: bool = False, batch_size: int = 256,
+                progress: bool = False) -> torch.Tensor:
+    """Embed captions in batches (tokenized a batch at a time)."""
+    encode = model.text_features if features else model.encode_text
+    chunks = [encode({k: v.to(model.device) for k, v in model.tokenize(list(texts[s:s + batch_size])).items()})
+              .float().cpu() for s in tqdm(range(0, len(texts), batch_size), disable=not progress, desc="texts",
+                                           leave=False)]
+    return check_finite(torch.cat(chunks), "caption embeddings")
+
+
+@torch.inference_mode()
 def embed_pairs(model: Any, data: datasets.Dataset, *, features: bool = False, batch_size: int = 256,
                 num_workers: int = 0, progress: bool = False) -> EmbeddedPairs:
     """Embed each distinct image and every caption; `features=True` gives the towers' pooled features instead.
@@ -55,22 +84,11 @@ def embed_pairs(model: Any, data: datasets.Dataset, *, features: bool = False, b
             first[key] = len(unique_rows)
             unique_rows.append(row)
     text_image = torch.tensor([first[k] for k in keys])
-    collate = PairCollator(model.image_transform(train=False), tokenize=None, extra_columns=())
-    loader = pair_loader(data.select(unique_rows), collate, batch_size, shuffle=False, drop_last=False,
-                         num_workers=num_workers)
-    encode_image = model.image_features if features else model.encode_image
-    images, kept, skipped = [], [], []
-    for batch in tqdm(loader, disable=not progress, desc="images", leave=False):
-        skipped += batch["bad"]
-        if "pixel_values" in batch:
-            images.append(encode_image(batch["pixel_values"].to(model.device)).float().cpu())
-            kept.append(batch["rows"])
-    if not images:
-        raise DataError(f"none of the {len(unique_rows)} images could be read (e.g. {'; '.join(skipped[:3])}).")
-    images_t = check_finite(torch.cat(images), "image embeddings")
+    images_t, kept, skipped = embed_images(model, data.select(unique_rows), features=features,
+                                           batch_size=batch_size, num_workers=num_workers, progress=progress)
     # Images that could not be read take their captions out of the evaluation (reported in `skipped`).
     remap = torch.full((len(unique_rows),), -1, dtype=torch.long)
-    remap[torch.cat(kept)] = torch.arange(len(images_t))
+    remap[kept] = torch.arange(len(images_t))
     text_image = remap[text_image]
     if "text" not in data.column_names:  # images only (`lilt embed --what image` on a table without captions)
         model.train(was_training)
@@ -78,16 +96,12 @@ def embed_pairs(model: Any, data: datasets.Dataset, *, features: bool = False, b
     texts = data["text"]
     if not texts:
         raise DataError("no captions to evaluate (check the languages asked for: the data may have none of them).")
-    encode_text = model.text_features if features else model.encode_text
-    chunks = [encode_text({k: v.to(model.device) for k, v in model.tokenize(texts[s:s + batch_size]).items()})
-              .float().cpu() for s in tqdm(range(0, len(texts), batch_size), disable=not progress, desc="texts",
-                                           leave=False)]
+    texts_t = embed_texts(model, texts, features=features, batch_size=batch_size, progress=progress)
     model.train(was_training)
     langs = data["lang"] if "lang" in data.column_names else None
     valid = text_image >= 0
     if not bool(valid.all()):
         langs = [lang for lang, ok in zip(langs, valid.tolist()) if ok] if langs is not None else None
-    texts_t = check_finite(torch.cat(chunks), "caption embeddings")
     return EmbeddedPairs(images_t, texts_t[valid], text_image[valid], langs, skipped)
 
 
