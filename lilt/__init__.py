@@ -40,6 +40,8 @@ _EXPORTS = {
     "TextConfig": "lilt.config",
     "ConfigError": "lilt.errors",
     "DataConfig": "lilt.config",
+    "CurateConfig": "lilt.config",
+    "curate": "lilt.curation",
     "TrainConfig": "lilt.config",
     "DataError": "lilt.errors",
     "train": "lilt.training",

@@ -1,4 +1,5 @@
-"""`lilt` command line: info | train | grow | eval | embed | search | serve | report | demo | recipes | push."""
+"""`lilt` command line: info | train | grow | eval | embed | search | serve | report | curate | demo | recipes |
+push."""
 
 from __future__ import annotations
 
@@ -258,6 +259,54 @@ def initial_model(init: Any, plan: Any) -> Any:
     return swap_text_tower(model, init.swap_text, plan) if init.swap_text is not None else model
 
 
+# -- lilt curate: score pairs, keep the best share --------------------------------------------------
+def cmd_curate(args: argparse.Namespace) -> int:
+    """Score every pair of a source and keep the top share; print the summary's main numbers."""
+    import time
+
+    from .curation import curate
+
+    start = time.perf_counter()
+    result = curate(args.data, scorer=args.scorer, keep=args.keep, out=args.out, per_lang=args.per_lang,
+                    langs=args.langs, noise=args.noise, trusted=args.trusted, split=args.split,
+                    batch_size=args.batch_size, chunk_size=args.chunk_size)
+    summary = result.summary
+    cut = f"cut {summary['cut']:.4f}" if summary["cut"] is not None else "cut per language"
+    print(f"kept {summary['kept']} of {summary['pairs']} pairs ({cut}; {summary['unreadable']} unreadable) "
+          f"in {time.perf_counter() - start:.1f}s")
+    for lang, row in summary["per_language"].items():
+        print(f"  {lang}: {row['kept']}/{row['pairs']} kept, mean score {row['mean_score']}, cut {row['cut']}")
+    if "noise" in summary:
+        noise = summary["noise"]
+        print(f"noise removal: precision {noise['precision']:.3f} (discarded pairs that were noisy), recall "
+              f"{noise['recall']:.3f} (noisy pairs discarded); noisy share {noise['noisy_share_before']:.3f} -> "
+              f"{noise['noisy_share_after']:.3f}")
+    print(f"wrote {result.kept} (train on it: lilt train ... data.source={result.kept}), {result.scores}, "
+          f"{result.out / 'histogram.png'}, {result.out / 'summary.json'}")
+    return 0
+
+
+def add_curate_parser(sub: Any) -> None:
+    """`lilt curate`: its arguments."""
+    curate = sub.add_parser("curate", help="score image-text pairs and keep the best-matched share (data curation)")
+    curate.add_argument("--data", required=True, help="a pair source, e.g. builtin:emoji-cldr or pairs.parquet")
+    curate.add_argument("--scorer", default="frozen", help="'frozen' (default: packaged towers + ridge map fitted "
+                        "on trusted pairs) or 'model:DIR' (a trained lilt model)")
+    curate.add_argument("--keep", type=float, default=0.4, help="share of pairs kept, the best-scored (default 0.4)")
+    curate.add_argument("--out", required=True, help="folder for kept.parquet, scores.parquet, histogram.png, "
+                        "summary.json and the resumable chunks/")
+    curate.add_argument("--per-lang", action="store_true", help="keep the share within each language")
+    curate.add_argument("--langs", nargs="+", help="only captions in these languages")
+    curate.add_argument("--noise", type=float, default=0.0, help="builtin:emoji-cldr: re-pair this share of the "
+                        "captions with wrong images first, to measure how much curation removes")
+    curate.add_argument("--trusted", help="clean pairs the frozen scorer's ridge map is fitted on (default: a "
+                        "built-in's validation split)")
+    curate.add_argument("--split", default="train", help="split of the source to curate (default train)")
+    curate.add_argument("--batch-size", type=int, default=256, help="pairs embedded per batch (default 256)")
+    curate.add_argument("--chunk-size", type=int, default=2048, help="pairs per saved chunk of scores (default 2048)")
+    curate.set_defaults(func=cmd_curate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `lilt` command."""
     parser = argparse.ArgumentParser(prog="lilt", description="Parameter-efficient contrastive alignment of "
@@ -343,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
     add_publishing_commands(sub)
     add_serve_parser(sub)
+    add_curate_parser(sub)
     return parser
 
 

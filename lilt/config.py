@@ -14,8 +14,9 @@ from .configbase import ConfigBase, apply_overrides, knob, read_mapping
 from .errors import ConfigError, DataError, close_matches, did_you_mean
 from .growth.ops import GrowthOp
 
-__all__ = ["ConfigBase", "ConfigError", "DataConfig", "DataError", "GrowthStage", "ModelConfig", "TextConfig",
-           "TrainConfig", "VisionConfig", "apply_overrides", "close_matches", "did_you_mean", "knob", "read_mapping"]
+__all__ = ["ConfigBase", "ConfigError", "CurateConfig", "DataConfig", "DataError", "GrowthStage", "ModelConfig",
+           "TextConfig", "TrainConfig", "VisionConfig", "apply_overrides", "close_matches", "did_you_mean", "knob",
+           "read_mapping"]
 
 DEFAULT_VISION = "packaged:efficientnet-lite0"
 DEFAULT_TEXT = "packaged:multilingual-e5-small"
@@ -114,8 +115,13 @@ class EmojiCldrOptions(ConfigBase):
     test_fraction: float = knob(0.3, "share of emoji in the test split")
     split_seed: int = knob(0, "which emoji go to which split (fixed whatever the training seed)")
     cache_dir: str | None = knob(None, "where the rendered set is kept (default $LILT_HOME/data)")
+    noise: float = knob(0.0, "share of training captions re-paired with a wrong image (a seeded derangement), "
+                        "marked in a `noisy` column: simulated web noise for `lilt curate`; other splits stay clean")
+    noise_seed: int = knob(0, "which captions are noised and how they are re-paired")
 
     def validate(self) -> None:
+        if not 0 <= self.noise < 1:
+            raise ConfigError(f"emoji-cldr noise={self.noise} must be in [0, 1) (e.g. 0.3).")
         if not (0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1 and self.val_fraction + self.test_fraction
                 < 1):
             raise ConfigError(f"emoji-cldr val_fraction={self.val_fraction} and test_fraction={self.test_fraction} "
@@ -152,6 +158,31 @@ def check_builtin(spec: str, options: dict, where: str) -> None:
         raise ConfigError(f"{where}: builtin:{name} has splits {list(BUILTIN_SPLITS)}; got {split!r}."
                           + did_you_mean(split, BUILTIN_SPLITS))
     BUILTIN_OPTIONS[name].from_dict(options, where=f"{where} options of builtin:{name}")
+
+
+@dataclass
+class CurateConfig(ConfigBase):
+    """`data.curate`: keep only the best-matched share of the training pairs (see `lilt curate`)."""
+
+    scorer: str = knob("frozen", "'frozen' (packaged towers + a ridge map fitted on trusted pairs) or 'model:DIR' "
+                       "(a trained lilt model); the score is the image-text cosine")
+    keep: float = knob(0.4, "share of training pairs kept, the best-scored (Scaling (Down) CLIP: 0.4)")
+    per_lang: bool = knob(False, "keep that share within each language, so a small language is not wiped out")
+    trusted: str | None = knob(None, "clean pairs the frozen scorer fits its ridge map on; None: a built-in "
+                               "source's validation split")
+    out: str | None = knob(None, "folder for the scores, report and resumable chunks; None: a temporary folder")
+    batch_size: int = knob(256, "pairs embedded per batch while scoring")
+    chunk_size: int = knob(2048, "pairs per saved chunk of scores")
+
+    def validate(self) -> None:
+        if not 0 < self.keep <= 1:
+            raise ConfigError(f"data.curate.keep={self.keep} must be a fraction in (0, 1] (e.g. 0.4).")
+        if self.scorer != "frozen" and not self.scorer.startswith("model:"):
+            raise ConfigError(f"data.curate.scorer={self.scorer!r}: give 'frozen' or 'model:DIR' (a callable scorer "
+                              "goes through the API, lilt.curate).")
+        if self.batch_size < 1 or self.chunk_size < 1:
+            raise ConfigError(f"data.curate batch_size={self.batch_size} and chunk_size={self.chunk_size} must be "
+                              ">= 1.")
 
 
 @dataclass
@@ -198,6 +229,8 @@ class DataConfig(ConfigBase):
     parallel_per_lang: int | dict[str, int] | None = knob(
         None, "cap on parallel pairs per target language (e.g. {sw: 900}); its own budget, apart from image pairs")
     parallel_pivot: str = knob("en", "the language the parallel text's sources are in (builtin:emoji-cldr)")
+    curate: CurateConfig | None = knob(None, "score the training pairs and keep the best share, e.g. {scorer: "
+                                       "frozen, keep: 0.4, per_lang: false}; applied after pairs_per_lang/max_pairs")
 
     def parallel_targets(self) -> list[str]:
         """Target languages of the parallel text: parallel_langs, else the training langs but the pivot."""
@@ -246,6 +279,9 @@ class DataConfig(ConfigBase):
             raise ConfigError(f"DataConfig.bad_window={self.bad_window} must be in [1, 10000000].")
         if self.lang_sampling is not None and not 0.0 <= self.lang_sampling <= 1.0:
             raise ConfigError(f"DataConfig.lang_sampling={self.lang_sampling} must be in [0, 1] (XLM-R: 0.3), or null.")
+        if self.curate is not None and self.streaming:
+            raise ConfigError("DataConfig.curate scores a table; it cannot curate a streamed source (curate once with "
+                              "`lilt curate` and train on its kept.parquet).")
         if self.lang_sampling is not None and self.streaming:
             raise ConfigError("DataConfig.lang_sampling needs a map-style table; it cannot weight a streamed source.")
         if self.parallel is not None:

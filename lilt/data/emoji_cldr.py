@@ -20,6 +20,7 @@ from typing import Mapping, Sequence
 
 import datasets
 import numpy as np
+import pyarrow as pa
 from filelock import FileLock
 
 from .._io import lilt_home
@@ -150,13 +151,18 @@ def split_of(emoji: Sequence[str], seed: int, val_fraction: float, test_fraction
 def load_emoji_cldr(split: str | None = "train", langs: Sequence[str] | None = None,
                     pairs_per_lang: int | Mapping[str, int] | None = None, keywords: bool = False, seed: int = 0,
                     val_fraction: float = 0.1, test_fraction: float = 0.3,
-                    cache_dir: str | os.PathLike | None = None, split_seed: int = 0) -> datasets.Dataset:
+                    cache_dir: str | os.PathLike | None = None, split_seed: int = 0, noise: float = 0.0,
+                    noise_seed: int = 0) -> datasets.Dataset:
     """Emoji images paired with their CLDR names (and optionally keywords) in the chosen languages.
 
     `seed` picks the `pairs_per_lang` subsets (a training run passes its own seed); `split_seed` decides
     which emoji are train, validation and test, and stays fixed unless asked, so that no training seed
-    can move a test emoji into training.
+    can move a test emoji into training. `noise` > 0 re-pairs that share of the training split's captions
+    with wrong images (chosen by `noise_seed`) and adds a boolean `noisy` column: web-scale noise to curate.
     """
+    if not 0 <= noise < 1:
+        raise DataError(f"builtin:emoji-cldr noise={noise} must be in [0, 1) (the share of training captions "
+                        "given a wrong image, e.g. 0.3).")
     if split is not None and split not in SPLITS:
         raise DataError(f"builtin:emoji-cldr has splits {list(SPLITS)}; got {split!r}.")
     root = emoji_cldr_root(cache_dir)
@@ -164,7 +170,8 @@ def load_emoji_cldr(split: str | None = "train", langs: Sequence[str] | None = N
     if quiet:  # selecting a few thousand rows is instant; progress bars would only be noise
         datasets.utils.disable_progress_bars()
     try:
-        return _load(root, split, langs, pairs_per_lang, keywords, seed, val_fraction, test_fraction, split_seed)
+        pairs = _load(root, split, langs, pairs_per_lang, keywords, seed, val_fraction, test_fraction, split_seed)
+        return add_noise(pairs, noise, noise_seed, split) if noise else pairs
     finally:
         if quiet:
             datasets.utils.enable_progress_bars()
@@ -213,3 +220,38 @@ def _as_pairs(table: datasets.Dataset, root: Path, keywords: bool, keep_split: b
                                   "split": datasets.Value("string")})
     pairs = table.map(expand, batched=True, remove_columns=table.column_names, features=features)
     return pairs if keep_split else pairs.remove_columns("split")
+
+
+def add_noise(pairs: datasets.Dataset, fraction: float, seed: int, split: str | None) -> datasets.Dataset:
+    """Give a seeded `fraction` of the training rows another row's (different) image; mark them in `noisy`.
+
+    The chosen rows' images are deranged among themselves: rows are ordered by a random rank of their image
+    and each takes the image `m` places further on (cyclically), `m` being the most rows any one image has,
+    so no row can get its own image back even when an image has several captions. Other splits stay clean.
+    """
+    in_train = np.ones(len(pairs), dtype=bool) if split == "train" else \
+        (np.asarray(pairs["split"]) == "train") if split is None else np.zeros(len(pairs), dtype=bool)
+    candidates = np.flatnonzero(in_train)
+    count = int(round(fraction * len(candidates)))
+    noisy = np.zeros(len(pairs), dtype=bool)
+    images = pairs.select_columns(["image"]).with_format("arrow")[:]["image"].combine_chunks()
+    if count >= 2:
+        rng = np.random.default_rng(seed)
+        chosen = np.sort(rng.choice(candidates, size=count, replace=False))
+        paths = np.asarray(images.field("path").to_pylist(), dtype=object)[chosen]
+        _, image_of = np.unique(paths, return_inverse=True)
+        rank = rng.permutation(image_of.max() + 1)[image_of]
+        order = chosen[np.lexsort((chosen, rank))]
+        shift = int(np.bincount(image_of).max())
+        if shift * 2 > count:
+            raise DataError(f"builtin:emoji-cldr noise={fraction}: one image holds {shift} of the {count} chosen "
+                            "captions, too many to give them all another image; raise noise or use more emoji.")
+        source = np.arange(len(pairs))
+        source[order] = np.roll(order, -shift)
+        images = images.take(source)
+        noisy[order] = True
+    table = pairs.with_format("arrow")[:]
+    table = table.set_column(table.schema.get_field_index("image"), "image", images)
+    features = datasets.Features({**pairs.features, "noisy": datasets.Value("bool")})
+    table = table.append_column("noisy", pa.array(noisy)).cast(features.arrow_schema)
+    return datasets.Dataset(datasets.table.InMemoryTable(table), info=datasets.DatasetInfo(features=features))

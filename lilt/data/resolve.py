@@ -31,7 +31,28 @@ def source_options(data_config: DataConfig, seed: int) -> dict[str, Any]:
 
 
 def resolve_data(data: Any, data_config: DataConfig | None, seed: int) -> tuple[Any, Any, DataConfig]:
-    """Training and validation tables from a spec string, a DataConfig or a ready `datasets` table."""
+    """Training and validation tables from a spec string, a DataConfig or a ready `datasets` table.
+
+    `data.curate` then keeps the best-scored share of the training pairs. It runs after the caps
+    (pairs_per_lang, max_pairs) and the validation hold-out: the caps say what data a run has, as a
+    scarce-data simulation, and curation filters what one has - a cap applied after it would refill the
+    budget from pairs curation rejected. Validation is never curated, so runs with and without it compare.
+    """
+    train_data, val, data_config = _resolve(data, data_config, seed)
+    if data_config.curate is not None:
+        from ..curation import curate_table  # imports torch and the towers: only when asked for
+
+        source = data_config.source if not isinstance(data, datasets.Dataset) else None
+        # The built-in's own validation split is clean (noise touches training only); a hold-out from the
+        # training split is not, so then the scorer reads the built-in's validation split itself.
+        own_split = source and source.startswith("builtin:") and not data_config.val_fraction \
+            and not data_config.val_source
+        trusted = val if own_split else None
+        train_data = curate_table(train_data, data_config.curate, source, trusted, data_config.langs)
+    return train_data, val, data_config
+
+
+def _resolve(data: Any, data_config: DataConfig | None, seed: int) -> tuple[Any, Any, DataConfig]:
     if isinstance(data, DataConfig):
         data_config, data = data, None
     elif isinstance(data, (str, os.PathLike)):
