@@ -168,8 +168,8 @@ def make_scorer(scorer: Any, trusted: Any = None, source: str | None = None, bat
     if isinstance(scorer, lilt.DualEncoder):
         return ModelScorer(scorer, batch_size=batch_size)
     if scorer == "frozen":
-        return FrozenScorer(lilt.DualEncoder.from_backbones(), trusted_pairs(trusted, source, langs),
-                            batch_size)
+        clean = trusted_pairs(trusted, source, langs)  # before the towers load: a missing --trusted fails at once
+        return FrozenScorer(lilt.DualEncoder.from_backbones(), clean, batch_size)
     if isinstance(scorer, str) and scorer.startswith("model:"):
         path = scorer[len("model:"):]
         if not Path(path).is_dir():
