@@ -206,3 +206,7 @@ def test_unknown_scorer_and_misplaced_noise_are_one_line_errors(tmp_path: Path, 
     assert "--trusted" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="scorer='bogus'"):
         CurateConfig(scorer="bogus")
+    with pytest.raises(ConfigError, match="streamed"):
+        DataConfig.from_dict({"source": "x.parquet", "streaming": True, "curate": {"keep": 0.4}})
+    parsed = DataConfig.from_dict({"curate": {"keep": 0.3, "per_lang": True}}).curate
+    assert parsed == CurateConfig(keep=0.3, per_lang=True)
