@@ -131,7 +131,10 @@ class FrozenScorer(ModelScorer):
 
 
 class CallableScorer:
-    """A user function `(images: list of PIL RGB images, texts: list of str) -> scores`, a batch at a time."""
+    """A user function `(images: list of PIL RGB images, texts: list of str) -> scores`, a batch at a time.
+
+    Saved chunk scores are reused by a function of the same module and name: rename one whose scores change.
+    """
 
     def __init__(self, function: Callable, batch_size: int = 256) -> None:
         self.function, self.batch_size = function, batch_size
@@ -239,7 +242,6 @@ def score_pairs(data: datasets.Dataset, scorer: Any, folder: Path, chunk_size: i
         folder.mkdir(parents=True)
     write_json(plan_file, plan)
     scores = np.full(len(data), np.nan)
-    done = 0
     bar = tqdm(total=len(data), desc="scoring pairs", unit="pair", disable=not progress)
     for index, rows in enumerate(chunks):
         file = folder / f"chunk-{index:05d}.parquet"
@@ -249,7 +251,6 @@ def score_pairs(data: datasets.Dataset, scorer: Any, folder: Path, chunk_size: i
                 pq.write_table(pa.table({"row": rows, "score": np.asarray(values, dtype=np.float64)}), tmp)
         saved = pq.read_table(file)
         scores[saved["row"].to_numpy()] = saved["score"].to_numpy(zero_copy_only=False)
-        done += len(rows)
         bar.update(len(rows))
     bar.close()
     return scores
