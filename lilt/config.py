@@ -171,7 +171,7 @@ class CurateConfig(ConfigBase):
     trusted: str | None = knob(None, "clean pairs the frozen scorer fits its ridge map on; None: a built-in "
                                "source's validation split")
     out: str | None = knob(None, "folder for the scores, report and resumable chunks; None: a temporary folder")
-    batch_size: int = knob(256, "pairs embedded per batch while scoring")
+    batch_size: int = knob(64, "pairs embedded per batch while scoring (memory grows with it)")
     chunk_size: int = knob(2048, "pairs per saved chunk of scores")
 
     def validate(self) -> None:

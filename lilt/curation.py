@@ -55,7 +55,7 @@ class CurationResult:
 class ModelScorer:
     """Cosine of a dual encoder's normalized image and caption embeddings (a trained lilt model)."""
 
-    def __init__(self, model: Any, name: str = "model", batch_size: int = 256) -> None:
+    def __init__(self, model: Any, name: str = "model", batch_size: int = 64) -> None:
         self.model, self.key, self.batch_size = model.eval(), name, batch_size
 
     def image_vectors(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -111,7 +111,7 @@ class ModelScorer:
 class FrozenScorer(ModelScorer):
     """Frozen towers' pooled features, images mapped into the text space by a ridge map fitted on trusted pairs."""
 
-    def __init__(self, model: Any, trusted: datasets.Dataset, batch_size: int = 256, name: str = "frozen") -> None:
+    def __init__(self, model: Any, trusted: datasets.Dataset, batch_size: int = 64, name: str = "frozen") -> None:
         from .baselines import fit_ridge, pair_features
 
         super().__init__(model, name, batch_size)
@@ -136,7 +136,7 @@ class CallableScorer:
     Saved chunk scores are reused by a function of the same module and name: rename one whose scores change.
     """
 
-    def __init__(self, function: Callable, batch_size: int = 256) -> None:
+    def __init__(self, function: Callable, batch_size: int = 64) -> None:
         self.function, self.batch_size = function, batch_size
         self.key = f"callable:{getattr(function, '__module__', '')}.{getattr(function, '__qualname__', function)}"
 
@@ -161,7 +161,7 @@ class CallableScorer:
         return scores
 
 
-def make_scorer(scorer: Any, trusted: Any = None, source: str | None = None, batch_size: int = 256,
+def make_scorer(scorer: Any, trusted: Any = None, source: str | None = None, batch_size: int = 64,
                 langs: Sequence[str] | None = None) -> Any:
     """A scorer from 'frozen', 'model:DIR', a lilt model, a scorer object or a callable (see SCORERS_HELP)."""
     import lilt
@@ -282,7 +282,7 @@ def check_keep(keep: Any) -> float:
 
 def curate(data: Any, scorer: Any = "frozen", keep: float = 0.4, out: str | os.PathLike = "curated", *,
            per_lang: bool = False, langs: Sequence[str] | None = None, noise: float = 0.0, trusted: Any = None,
-           split: str = "train", batch_size: int = 256, chunk_size: int = 2048, progress: bool = True,
+           split: str = "train", batch_size: int = 64, chunk_size: int = 2048, progress: bool = True,
            **options: Any) -> CurationResult:
     """Score every pair of `data` (a spec or a table), keep the top `keep` share, write kept.parquet and a report.
 
