@@ -107,6 +107,8 @@ def write_model_files(model: Any, folder: Path) -> dict[str, Any]:
         "text_conventions": {"pooling": model.text.pooling, "prefix": model.text.prefix,
                              "max_length": model.text.max_length},
     }
+    if getattr(model, "ssl_head", None) is not None:  # SLIP's head: only its sizes, so a load can rebuild it
+        manifest["ssl_head"] = model.ssl_head_sizes()
     weights = folder / WEIGHTS_NAME
     save_file(tensors, str(weights), metadata={
         "format": "pt", "lilt_format": str(FORMAT_VERSION), "lilt_config_sha256": config_digest(manifest),
@@ -178,6 +180,9 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         isinstance(backbones.get(t), dict) and isinstance(backbones[t].get("name"), str)
         and _HEX64.match(str(backbones[t].get("sha256", ""))) for t in ("vision", "text")),
         file, "'backbones' must name the vision and text backbones with their sha256")
+    ssl = manifest.get("ssl_head")
+    _require(ssl is None or (isinstance(ssl, list) and len(ssl) == 3 and all(
+        type(n) is int and 1 <= n <= 65536 for n in ssl)), file, "'ssl_head' must be [in, hidden, out] sizes")
     weights = manifest.get("weights")
     _require(isinstance(weights, dict) and weights.get("file") == WEIGHTS_NAME
              and _HEX64.match(str(weights.get("sha256", ""))), file,
@@ -254,6 +259,8 @@ def load_model(cls: Any, path: str | Path, *, vision: str | None = None, text: s
             apply_plan(model, plan)
         if manifest["growth"]:  # rebuild the grown architecture; the saved tensors then fill it
             replay_growth(model, manifest["growth"])
+        if manifest.get("ssl_head"):
+            model.add_ssl_head(manifest["ssl_head"])
     except ConfigError as err:
         raise CheckpointError(f"{path / CONFIG_NAME}: its plan or growth history does not apply ({err}).") from None
     load_delta(model, weights)

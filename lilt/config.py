@@ -52,8 +52,12 @@ class VisionConfig(ConfigBase):
                                  "so their running statistics never change")
     channels_last: bool = knob(True, "run convolutional backbones in channels_last memory format "
                                "(about 1.7x faster on CPU for EfficientNet)")
+    mask_ratio: float = knob(0.0, "FLIP: share of image patches a ViT tower drops at random while training "
+                             "(0.5 about halves the tower's cost); none at evaluation. ViT towers only")
 
     def validate(self) -> None:
+        if not 0.0 <= self.mask_ratio < 1.0:
+            raise ConfigError(f"VisionConfig.mask_ratio={self.mask_ratio} must be in [0, 1) (FLIP: 0.5; 0: off).")
         if not self.name:
             raise ConfigError("VisionConfig.name is empty; give a timm model name, a directory or 'packaged:NAME'.")
         if self.image_size is not None and not 8 <= self.image_size <= 4096:
@@ -398,6 +402,13 @@ class TrainConfig(ConfigBase):
     parallel_weight: float = knob(1.0, "weight of the text-to-text alignment term on DataConfig.parallel pairs "
                                   "(target-language embedding toward the pivot's, InfoNCE over the batch)")
     parallel_batch_size: int | None = knob(None, "parallel pairs per step over all processes (None: batch_size)")
+    ssl_weight: float = knob(0.0, "SLIP: weight of a SimCLR loss on two extra augmented views of each training "
+                             "image (vision tower features through a small trained MLP head) added to the "
+                             "contrastive loss; 0: off")
+    ssl_temperature: float = knob(0.1, "temperature of the SLIP SimCLR loss (SLIP: 0.1)")
+    ssl_augment: Literal["simclr", "crop-flip", "crop", "style", "randaugment", "stacked-randaugment"] = knob(
+        "simclr", "augmentation of the two SLIP views: 'simclr' (crop 8-100%, flip, colour jitter, grayscale, blur, "
+        "as SLIP) or one of DataConfig.augment's presets (e.g. 'style' for colour-bearing captions)")
 
     def validate(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.accumulation_steps < 1:
@@ -415,7 +426,8 @@ class TrainConfig(ConfigBase):
                                 ("max_nonfinite_steps", 0, None),
                                 ("eval_batch_size", 1, None), ("head_warmup_epochs", 0, 100_000),
                                 ("head_warmup_batch_size", 1, None), ("seed", 0, 2**32 - 1),
-                                ("parallel_weight", 0.0, 100.0), ("parallel_batch_size", 1, None)):
+                                ("parallel_weight", 0.0, 100.0), ("parallel_batch_size", 1, None),
+                                ("ssl_weight", 0.0, 100.0), ("ssl_temperature", 0.001, 10.0)):
             value = getattr(self, name)
             if value is not None and (value < low or (high is not None and value > high)):
                 bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
@@ -442,5 +454,8 @@ class TrainConfig(ConfigBase):
         if self.growth and (self.wise_alphas or self.keep_best):
             raise ConfigError("wise_alphas and keep_best do not combine with growth stages yet (grown tensors have "
                               "no start of tuning, and an earlier best has other shapes); drop one of them.")
+        if self.ssl_weight and self.accumulation_steps > 1 and self.accumulation == "gradcache":
+            raise ConfigError("TrainConfig.ssl_weight (SLIP) runs with plain accumulation only; set "
+                              "train.accumulation=plain or accumulation_steps=1.")
         if any(s.inherit_from == "ema" for s in self.growth) and self.ema_decay is None:
             raise ConfigError("a growth stage inherits from the EMA (inherit_from: ema); set TrainConfig.ema_decay.")

@@ -32,6 +32,8 @@ class DualEncoderOutput:
     logit_bias: torch.Tensor | None = None
     parallel_source: torch.Tensor | None = None  # parallel text: pivot-language embeddings (no gradient)
     parallel_target: torch.Tensor | None = None  # ... and their translations'
+    ssl_a: torch.Tensor | None = None  # SLIP: the SSL head's outputs for the first and second extra views
+    ssl_b: torch.Tensor | None = None
 
     def logits_per_image(self) -> torch.Tensor:
         """Scaled image-text similarities, images as rows."""
@@ -56,6 +58,25 @@ class DualEncoder(nn.Module):
         # Growth (lilt.growth): a shared encoder on top of both towers, and the ops applied, in order.
         self.shared_encoder: nn.Module | None = None
         self.growth: list[dict[str, Any]] = []
+        self.ssl_head: nn.Sequential | None = None  # SLIP (add_ssl_head); saved and loaded with the model
+
+    def add_ssl_head(self, sizes: Sequence[int] | None = None) -> nn.Sequential:
+        """SLIP's projection head on the vision tower's pooled features (Linear-ReLU-Linear), created once.
+
+        `sizes` = (in, hidden, out); the default is (tower width, tower width, embed_dim). The head sees only
+        the extra views; retrieval never uses it. A checkpoint records its sizes, so a resume or load rebuilds it.
+        """
+        if self.ssl_head is None:
+            width = self.vision.hidden_size
+            d_in, hidden, out = sizes or (width, width, self.config.embed_dim)
+            self.ssl_head = nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, out)).to(self.device)
+        return self.ssl_head
+
+    def ssl_head_sizes(self) -> list[int] | None:
+        """(in, hidden, out) of the SLIP head, or None without one."""
+        if self.ssl_head is None:
+            return None
+        return [self.ssl_head[0].in_features, self.ssl_head[0].out_features, self.ssl_head[2].out_features]
 
     @classmethod
     def from_backbones(cls, vision: str = DEFAULT_VISION, text: str = DEFAULT_TEXT, *, embed_dim: int = 256,
@@ -116,11 +137,19 @@ class DualEncoder(nn.Module):
         return F.normalize(embeds, dim=-1) if normalize else embeds
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                parallel: Mapping[str, torch.Tensor] | None = None, **text_inputs: torch.Tensor) -> DualEncoderOutput:
-        """Embed a batch of image-text pairs (and of parallel text, `source_*`/`target_*` tokenized, if given)."""
+                parallel: Mapping[str, torch.Tensor] | None = None, ssl_views: torch.Tensor | None = None,
+                **text_inputs: torch.Tensor) -> DualEncoderOutput:
+        """Embed a batch of image-text pairs (and of parallel text, `source_*`/`target_*` tokenized, if given;
+        and SLIP's two extra views of each image, `ssl_views` (batch, 2, 3, H, W), through the SSL head)."""
         text = {"input_ids": input_ids, "attention_mask": attention_mask, **text_inputs}
         out = DualEncoderOutput(self.encode_image(pixel_values), self.encode_text(text), self.scale(),
                                 self.logit_bias)
+        if ssl_views is not None:
+            if self.ssl_head is None:
+                raise DataError("ssl_views given, but the model has no SSL head; call model.add_ssl_head() first.")
+            # Both views in one pass of the tower (first all view-1 images, then all view-2 ones).
+            views = self.ssl_head(self.vision(ssl_views.transpose(0, 1).flatten(0, 1).to(self.device)))
+            out.ssl_a, out.ssl_b = views.chunk(2)
         if parallel is not None:  # in the same forward, so DDP sees every gradient of the step
             with torch.no_grad():  # the pivot side is the teacher: only the target language moves
                 out.parallel_source = self.encode_text(_side(parallel, "source"))

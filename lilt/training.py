@@ -31,7 +31,7 @@ from . import checkpoint
 from ._io import write_text
 from .baselines import fit_ridge, heads_from_ridge
 from .config import DataConfig, TrainConfig
-from .data import PairCollator, image_transform, pair_loader
+from .data import PairCollator, image_transform, pair_loader, ssl_view_transform
 from .data.loader import language_weights
 from .data.bad_items import BadItems
 from .data.identity import image_ids
@@ -44,7 +44,7 @@ from .gradcache import grad_cache_backward, split_inputs
 from .interpolation import choose_alpha, interpolate, trainable_state
 from .growth.grower import replay_growth
 from .hub import training_summary
-from .losses import clip_loss, siglip_loss
+from .losses import clip_loss, siglip_loss, simclr_loss
 from .optim import lr_lambda, make_optimizer, param_groups
 from .staged import Segment, grow_stage, needs_growth, stage_segments
 from .supervise import exit_with_parent
@@ -152,12 +152,15 @@ def train(model: torch.nn.Module, data: Any = None, config: TrainConfig | None =
     if folder is not None:  # rebuild what the checkpoint's run had grown, so its tensors and optimizer fit
         history = checkpoint.read_manifest(folder)["growth"]
         replay_growth(model, history[len(model.growth):])
+    # SLIP's two extra views are drawn only when it is on: with ssl_weight 0 no random draw moves.
+    views = ssl_view_transform(model.vision.data_config, config.ssl_augment) if config.ssl_weight else None
     collate = PairCollator(image_transform(model.vision.data_config, data_config.augment, train=True),
-                           model.tokenize, seed=config.seed)
+                           model.tokenize, seed=config.seed, views=views)
     parallel = parallel_batches(model, config, data_config, accelerator)
     if (config.head_warmup_epochs or config.head_init == "ridge") and folder is None:
         warm_up_heads(model, segments[0].data, config, data_config.num_workers, accelerator.is_main_process,
                       val=val)
+    prepare_ssl_head(model, config)
     optimizer = make_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     loop = TrainLoop(accelerator, model, config, data_config, contrastive_loss(config), collate)
@@ -197,6 +200,15 @@ def parallel_batches(model: torch.nn.Module, config: TrainConfig, data_config: D
                           pivot=data_config.parallel_pivot, seed=config.seed, options=data_config.options)
     return ParallelBatches(table, model.tokenize, size, config.seed, accelerator.process_index,
                            accelerator.num_processes)
+
+
+def prepare_ssl_head(model: torch.nn.Module, config: TrainConfig) -> None:
+    """SLIP on: give the model its SSL head (trained with it). Off: freeze a head a loaded model brings along,
+    so that no unused parameter waits for a gradient."""
+    if config.ssl_weight:
+        model.add_ssl_head()
+    elif getattr(model, "ssl_head", None) is not None:
+        model.ssl_head.requires_grad_(False)
 
 
 def _resume_folder(config: TrainConfig, output: Path) -> Path | None:
@@ -316,7 +328,7 @@ class TrainLoop:
     # -- one step ------------------------------------------------------------------------------------
     def step(self, batch: dict[str, Any], step: int) -> float:
         """Optimizer step `step` on a batch (micro-batched when configured); returns the loss (nan: skipped)."""
-        inputs = {k: batch[k] for k in ("pixel_values", "input_ids", "attention_mask", "token_type_ids")
+        inputs = {k: batch[k] for k in ("pixel_values", "input_ids", "attention_mask", "token_type_ids", "ssl_views")
                   if k in batch}
         chunks = self.config.accumulation_steps
         ids = self.image_ids[batch["rows"].cpu()].to(self.acc.device) if self.image_ids is not None else None
@@ -378,6 +390,9 @@ class TrainLoop:
                 loss = self.loss_fn(out.image_embeds, out.text_embeds, out.logit_scale, out.logit_bias, **same) / chunks
                 if out.parallel_target is not None:
                     loss = loss + self.config.parallel_weight * parallel_loss(out)
+                if out.ssl_a is not None:  # SLIP: SimCLR between the two extra views, per micro-batch
+                    ssl = simclr_loss(out.ssl_a.float(), out.ssl_b.float(), self.config.ssl_temperature)
+                    loss = loss + self.config.ssl_weight * ssl / chunks
                 self.acc.backward(loss)
             total += float(loss.detach())
         return total

@@ -41,6 +41,17 @@ def image_transform(data_config: Mapping[str, Any], augment: str = "none", train
         auto_augment=_RAND_AUGMENT.get(augment), scale=(0.5, 1.0) if augment in ("crop-flip", "crop") else (0.08, 1.0))
 
 
+def ssl_view_transform(data_config: Mapping[str, Any], preset: str = "simclr") -> Callable:
+    """The augmentation of SLIP's two extra views: SimCLR's (as SLIP uses it) or a DataConfig.augment preset."""
+    if preset != "simclr":
+        return image_transform(data_config, preset, train=True)
+    # SimCLR (Chen et al. 2020) / SLIP: crop 8-100%, flip, colour jitter 0.4/0.4/0.4/0.1 at p=0.8, grayscale
+    # at p=0.2, blur at p=0.5; timm builds it from its own options.
+    return timm.data.create_transform(
+        **dict(data_config), is_training=True, scale=(0.08, 1.0), hflip=0.5, color_jitter=(0.4, 0.4, 0.4, 0.1),
+        color_jitter_prob=0.8, grayscale_prob=0.2, gaussian_blur_prob=0.5, auto_augment=None, re_prob=0.0)
+
+
 class _Filter:
     """A PIL ImageFilter as a transform (torchvision has no stroke-width or edge ops)."""
 
@@ -118,10 +129,12 @@ class PairCollator:
     image_column: str = "image"
     text_column: str = "text"
     extra_columns: tuple[str, ...] = field(default=("lang",))
+    # SLIP: two more views of each image by this transform, as `ssl_views` (batch, 2, 3, H, W); None: none.
+    views: Callable[[Image.Image], torch.Tensor] | None = None
 
     def __call__(self, items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         """One batch: pixel_values, input_ids, attention_mask, kept rows, and the names of skipped items."""
-        pixels, texts, keep, bad = [], [], [], []
+        pixels, texts, keep, bad, views = [], [], [], [], []
         for item in items:
             row = item.get("__row__")
             text = item.get(self.text_column)
@@ -134,7 +147,10 @@ class PairCollator:
             try:
                 image = decode_image(item.get(self.image_column))
                 with _seeded(self.seed, item.get("__epoch__", 0), row):
-                    pixels.append(self.transform(image))
+                    pixel = self.transform(image)
+                if self.views is not None:
+                    views.append(torch.stack(ssl_views(self.views, image, self.seed, item.get("__epoch__", 0), row)))
+                pixels.append(pixel)
             except Exception as error:  # any undecodable image is data, not a bug: count it and go on
                 bad.append(f"{describe(item.get(self.image_column), row)} ({type(error).__name__}: {error})"[:300])
                 continue
@@ -143,12 +159,25 @@ class PairCollator:
         batch: dict[str, Any] = {"bad": bad, "seen": len(items)}
         if pixels:
             batch["pixel_values"] = torch.stack(pixels)
+            if views:
+                batch["ssl_views"] = torch.stack(views)
             if self.tokenize is not None:
                 batch.update(self.tokenize(texts))
         batch["rows"] = torch.tensor([-1 if i.get("__row__") is None else i["__row__"] for i in keep])
         for column in self.extra_columns:
             batch[column] = [i.get(column) for i in keep]
         return batch
+
+
+def ssl_views(transform: Callable[[Image.Image], torch.Tensor], image: Image.Image, seed: int, epoch: int,
+              row: Any) -> list[torch.Tensor]:
+    """SLIP's two views of one image, each from its own stream of (seed, epoch, row): unlike each other and the
+    main view, and the same whenever they are drawn again (a resumed run)."""
+    out = []
+    for stream in (1, 2):
+        with _seeded(seed, epoch, row, stream):
+            out.append(transform(image))
+    return out
 
 
 class _seeded:
@@ -158,8 +187,10 @@ class _seeded:
     state keeps the training loop's own random stream (dropout) independent of data loading.
     """
 
-    def __init__(self, seed: int, epoch: int, row: Any) -> None:
-        self.seed = hash((seed, epoch, row)) & 0x7FFFFFFF if row is not None else None
+    def __init__(self, seed: int, epoch: int, row: Any, stream: int = 0) -> None:
+        # Stream 0 is the main view, seeded as it always was; SLIP's views take streams 1 and 2.
+        key = (seed, epoch, row) if stream == 0 else (seed, epoch, row, stream)
+        self.seed = hash(key) & 0x7FFFFFFF if row is not None else None
 
     def __enter__(self) -> None:
         if self.seed is None:

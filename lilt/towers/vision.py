@@ -130,6 +130,8 @@ class VisionTower(Tower):
         # Stage output widths as timm records them (ResNet, ConvNeXt, Swin stages are feature_info modules).
         self._stage_channels = {info["module"]: int(info["num_chs"]) for info in getattr(backbone, "feature_info", [])
                                 if isinstance(info, dict) and "module" in info}
+        if config.mask_ratio:
+            self._set_patch_dropout(config.mask_ratio)
         self.channels_last = config.channels_last and self.family == "efficientnet"
         if self.channels_last:
             self.backbone.to(memory_format=torch.channels_last)
@@ -137,6 +139,18 @@ class VisionTower(Tower):
         if config.image_size is not None:
             data_config["input_size"] = (3, config.image_size, config.image_size)
         self.data_config = data_config
+
+    def _set_patch_dropout(self, ratio: float) -> None:
+        """FLIP: drop this share of patch tokens at random in train mode (timm's PatchDropout; eval keeps all)."""
+        if self.family != "vit":
+            raise ConfigError(f"VisionConfig.mask_ratio={ratio} drops ViT patch tokens (FLIP), but {self.source!r} is "
+                              f"a {self.family} tower; set model.vision.mask_ratio=0 or use a ViT.")
+        from timm.layers import PatchDropout
+
+        # Set on the timm model itself, where its own forward (and lilt's embed) already calls it; the prefix
+        # tokens (class, registers) are always kept. It has no tensors: backbone hashes do not change.
+        b = self.backbone
+        b.patch_drop = PatchDropout(ratio, num_prefix_tokens=b.num_prefix_tokens)
 
     @classmethod
     def from_config(cls, config: VisionConfig) -> "VisionTower":
