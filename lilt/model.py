@@ -158,12 +158,18 @@ class DualEncoder(nn.Module):
 
     @torch.inference_mode()
     def embed_images(self, images: Sequence[Any], batch_size: int = 64, progress: bool = False) -> torch.Tensor:
-        """Normalized embeddings of PIL images, in batches, without gradients."""
+        """Normalized embeddings of PIL images, in batches, without gradients (the vision tower in eval mode)."""
         transform = self.image_transform()
         chunks = []
-        for start in tqdm(range(0, len(images), batch_size), disable=not progress, desc="images"):
-            batch = torch.stack([transform(img.convert("RGB")) for img in images[start:start + batch_size]])
-            chunks.append(self.encode_image(batch))
+        # A loaded model starts in train mode (timm's default); FLIP's patch dropping must not reach inference.
+        was_training = self.vision.training
+        self.vision.eval()
+        try:
+            for start in tqdm(range(0, len(images), batch_size), disable=not progress, desc="images"):
+                batch = torch.stack([transform(img.convert("RGB")) for img in images[start:start + batch_size]])
+                chunks.append(self.encode_image(batch))
+        finally:
+            self.vision.train(was_training)
         return torch.cat(chunks) if chunks else torch.empty(0, self.config.embed_dim)
 
     @torch.inference_mode()

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import lilt
 from lilt.config import ConfigError, DataConfig, TrainConfig
@@ -151,10 +153,14 @@ def test_flip_ratio_is_recorded_with_the_model(make_model, tmp_path: Path) -> No
     assert manifest["model"]["vision"]["mask_ratio"] == 0.25
     loaded = lilt.DualEncoder.from_pretrained(tmp_path / "m")
     assert loaded.vision.backbone.patch_drop.prob == 0.25
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    assert loaded.training  # as loaded; embed_images still embeds every patch
+    assert torch.equal(loaded.embed_images([image]), loaded.embed_images([image]))
+    assert loaded.training
 
 
 def test_flip_on_a_cnn_or_out_of_range_is_refused(make_model) -> None:
-    with pytest.raises(ConfigError, match="mask_ratio=0.5 drops ViT patch tokens.*efficientnet tower"):
+    with pytest.raises(ConfigError, match=r"mask_ratio=0.5 drops ViT patch tokens.*not a ViT \(efficientnet tower\)"):
         make_model("cnn", vision_options={"image_size": 32, "mask_ratio": 0.5})
     with pytest.raises(ConfigError, match=r"mask_ratio=1.0 must be in \[0, 1\)"):
         make_model("vit", vision_options={"image_size": 32, "mask_ratio": 1.0})

@@ -144,7 +144,7 @@ class VisionTower(Tower):
         """FLIP: drop this share of patch tokens at random in train mode (timm's PatchDropout; eval keeps all)."""
         if self.family != "vit":
             raise ConfigError(f"VisionConfig.mask_ratio={ratio} drops ViT patch tokens (FLIP), but {self.source!r} is "
-                              f"a {self.family} tower; set model.vision.mask_ratio=0 or use a ViT.")
+                              f"not a ViT ({self.family} tower); set model.vision.mask_ratio=0 or use a ViT.")
         from timm.layers import PatchDropout
 
         # Set on the timm model itself, where its own forward (and lilt's embed) already calls it; the prefix
