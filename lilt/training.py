@@ -291,6 +291,7 @@ class TrainLoop:
         self.best: dict[str, torch.Tensor] | None = None  # keep_best: the best weights so far, and their score
         self.best_score, self.best_step = -math.inf, 0
         self.image_ids: torch.Tensor | None = None  # per row of the current table, when some image has 2+ rows
+        self.ssl_loss = math.nan  # SLIP: the last step's SimCLR term (before its weight), logged beside the loss
 
     def install(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                 ema: bool = True) -> None:
@@ -378,7 +379,7 @@ class TrainLoop:
 
     def _plain_backward(self, inputs: dict[str, torch.Tensor], chunks: int,
                         parallel: dict[str, torch.Tensor] | None = None, ids: torch.Tensor | None = None) -> float:
-        total = 0.0
+        total, ssl_total = 0.0, 0.0
         micro_ids = ids.chunk(chunks) if ids is not None else [None] * chunks
         for i, micro in enumerate(split_inputs(inputs, chunks)):
             sync = self.acc.no_sync(self.prepared) if i < chunks - 1 else contextlib.nullcontext()
@@ -393,8 +394,10 @@ class TrainLoop:
                 if out.ssl_a is not None:  # SLIP: SimCLR between the two extra views, per micro-batch
                     ssl = simclr_loss(out.ssl_a.float(), out.ssl_b.float(), self.config.ssl_temperature)
                     loss = loss + self.config.ssl_weight * ssl / chunks
+                    ssl_total += float(ssl.detach()) / chunks
                 self.acc.backward(loss)
             total += float(loss.detach())
+        self.ssl_loss = ssl_total
         return total
 
     # -- the loop ---------------------------------------------------------------------------------------
@@ -543,6 +546,8 @@ class TrainLoop:
                      "lr": self.scheduler.get_last_lr()[0],
                      "temperature": float(1 / self.model.scale().detach()), "samples_per_second": rate,
                      "seconds": time.perf_counter() - clock["began"]}
+            if self.config.ssl_weight:  # the loss above includes ssl_weight times this
+                entry["ssl_loss"] = self.ssl_loss if math.isfinite(self.ssl_loss) and math.isfinite(loss) else None
             self.acc.log({k: v for k, v in entry.items() if k != "step" and v is not None}, step=step)
             history.append(entry)
 
