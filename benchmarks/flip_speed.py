@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -48,8 +49,26 @@ def burst(setup: tuple, images: torch.Tensor, texts: torch.Tensor, steps: int) -
     return steps * len(images) / (time.perf_counter() - began)
 
 
+def measure(model: str = "vit_tiny_patch16_224", ratio: float = 0.5, batch_size: int = 16, steps: int = 3,
+            rounds: int = 3) -> dict[str, Any]:
+    """Alternate bursts of mask ratio 0 and `ratio`; samples/s of each burst, their medians and the speed-up."""
+    settings = {0.0: build(model, 0.0), ratio: build(model, ratio)}
+    size = settings[0.0][0].data_config["input_size"][-1]
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(batch_size, 3, size, size, generator=generator)
+    texts = F.normalize(torch.randn(batch_size, 256, generator=generator), dim=-1)
+    rates: dict[float, list[float]] = {r: [] for r in settings}
+    for _ in range(rounds):
+        for r, setup in settings.items():
+            rates[r].append(burst(setup, images, texts, steps))
+    median = {r: statistics.median(v) for r, v in rates.items()}
+    return {"model": model, "ratio": ratio, "batch_size": batch_size, "steps": steps, "rounds": rounds,
+            "threads": torch.get_num_threads(), "bursts": rates, "samples_per_s": median,
+            "speedup": median[ratio] / median[0.0]}
+
+
 def main() -> None:
-    """Alternate bursts of the two settings; print samples/s of each and their ratio."""
+    """Print samples/s at each mask ratio and their ratio."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="vit_tiny_patch16_224", help="timm ViT name (random init)")
     parser.add_argument("--ratio", type=float, default=0.5, help="mask ratio compared with 0")
@@ -57,22 +76,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per burst")
     parser.add_argument("--rounds", type=int, default=3, help="bursts per setting (alternating)")
     args = parser.parse_args()
-    settings = {0.0: build(args.model, 0.0), args.ratio: build(args.model, args.ratio)}
-    size = settings[0.0][0].data_config["input_size"][-1]
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randn(args.batch_size, 3, size, size, generator=generator)
-    texts = F.normalize(torch.randn(args.batch_size, 256, generator=generator), dim=-1)
-    rates: dict[float, list[float]] = {r: [] for r in settings}
-    for _ in range(args.rounds):
-        for ratio, setup in settings.items():
-            rates[ratio].append(burst(setup, images, texts, args.steps))
-    median = {r: statistics.median(v) for r, v in rates.items()}
-    print(f"{args.model}, batch {args.batch_size}, {torch.get_num_threads()} thread(s), "
+    m = measure(args.model, args.ratio, args.batch_size, args.steps, args.rounds)
+    print(f"{args.model}, batch {args.batch_size}, {m['threads']} thread(s), "
           f"{args.rounds} x {args.steps} steps per setting")
-    for ratio, value in median.items():
-        bursts = ", ".join(f"{x:.1f}" for x in rates[ratio])
+    for ratio, value in m["samples_per_s"].items():
+        bursts = ", ".join(f"{x:.1f}" for x in m["bursts"][ratio])
         print(f"  mask_ratio {ratio:.2f}: {value:.1f} samples/s (bursts: {bursts})")
-    print(f"speed-up at mask_ratio {args.ratio}: {median[args.ratio] / median[0.0]:.2f}x")
+    print(f"speed-up at mask_ratio {args.ratio}: {m['speedup']:.2f}x")
 
 
 if __name__ == "__main__":
