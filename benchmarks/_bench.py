@@ -328,5 +328,6 @@ def run_rows(todo: list[Row], seeds: list[int] | None, quick: bool, out: Path, m
             result = bench.run(row, seed, lrs())
             save_result(file, result)
             test = result.get("test", {}).get("en")
-            said = f"test en R@1 {test['i2t']:.1f} / {test['t2i']:.1f}" if test else f"val {result.get('val')}"
-            print(f"    done in {result['seconds']:.0f} s: {said}", flush=True)
+            said = f": test en R@1 {test['i2t']:.1f} / {test['t2i']:.1f}" if test else \
+                f": val {result['val']}" if "val" in result else ""
+            print(f"    done in {result['seconds']:.0f} s{said}", flush=True)

@@ -111,7 +111,7 @@ def test_smoke_run_on_tiny_towers(tmp_path: Path, tiny_dirs: dict[str, Path], ca
     for name in ("ridge-noisy-curated40", "noisy-curated40"):
         result = found[name][0]
         assert 489 <= sum(result["train_pairs"].values()) <= 491  # 40% of 1226
-        assert 0 <= result["noisy_share"] <= 1 and set(result["test"]) == set(EVAL_LANGS)
+        assert 0 <= result["noisy_share"] <= 1 and set(EVAL_LANGS) <= set(result["test"])
     assert found["aug-none-50"][0]["train_pairs"] == {"en": 463, "sw": 75, "yo": 75}
     assert found["slip-25"][0]["train_pairs"] == {"en": 232, "sw": 38, "yo": 38}
     assert found["flip-speed"][0]["flip"]["speedup"] > 0
