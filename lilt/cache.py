@@ -68,7 +68,11 @@ def cache_refusal(model: torch.nn.Module, config: TrainConfig, data_config: Data
 
 def view_of(seed: int, epoch: int, row: int, views: int) -> int:
     """Which of the K cached views row `row` uses at `epoch` (seeded, so a resumed epoch draws the same)."""
-    return (hash((seed, epoch, row, "view")) & 0x7FFFFFFF) % views if views > 1 else 0
+    if views == 1:
+        return 0
+    # sha256, not hash(): a str in a hashed tuple would be salted per process (PYTHONHASHSEED).
+    digest = hashlib.sha256(f"view:{seed}:{epoch}:{row}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % views
 
 
 def cache_folder(config: TrainConfig) -> Path:

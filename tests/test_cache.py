@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import lilt
-from lilt.cache import build_cache, cache_refusal
+from lilt.cache import build_cache, cache_refusal, view_of
 from lilt.config import ConfigError, DataConfig, TrainConfig
 from lilt.data.resolve import resolve_data
 from lilt.data.transforms import decode_image, image_transform
@@ -109,3 +109,10 @@ def test_a_cache_over_the_size_limit_is_refused(make_model, folder: Path, tmp_pa
     with pytest.raises(ConfigError, match="cache_max_gb=1e-09"):
         run(heads_only(make_model), folder, tmp_path / "big", cache="auto", cache_max_gb=1e-9)
     assert not list((tmp_path / "big").glob("feature-cache/*.safetensors"))
+
+
+def test_the_view_of_an_item_is_the_same_in_every_process() -> None:
+    # Fixed numbers: a draw salted per process (PYTHONHASHSEED) would change them from run to run.
+    assert [view_of(0, e, r, 3) for e in (0, 1) for r in range(6)] == [1, 1, 1, 2, 0, 0, 2, 0, 0, 1, 1, 2]
+    assert view_of(5, 2, 7, 1) == 0
+    assert {view_of(0, 0, r, 4) for r in range(64)} == {0, 1, 2, 3}
