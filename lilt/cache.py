@@ -46,16 +46,25 @@ logger = logging.getLogger(__name__)
 __all__ = ["CachedCollator", "FeatureCache", "build_cache", "cache_folder", "cache_refusal", "view_of"]
 
 HEADS = ("vision_proj", "text_proj", "logit_scale", "logit_bias")
-DEPTH = "pooled"  # what is cached: the towers' pooled output (the heads' input); block depths come later
+
+
+def vision_depth(model: torch.nn.Module) -> int | None:
+    """Cached vision depth: None for the pooled output (the tower is frozen), else the frozen blocks cached."""
+    if not any(p.requires_grad for p in model.vision.parameters()):
+        return None
+    return model.vision.frozen_prefix_depth()
 
 
 def cache_refusal(model: torch.nn.Module, config: TrainConfig, data_config: DataConfig, data: Any) -> str | None:
     """Why this run cannot train on cached features (None: it can): only heads-only plans qualify."""
-    trains = [n for n, p in model.named_parameters() if p.requires_grad and n.split(".")[0] not in HEADS]
+    trains = [n for n, p in model.named_parameters() if p.requires_grad and n.split(".")[0] not in HEADS + ("vision",)]
     vision = model.config.vision
+    vision_trains = any(p.requires_grad for p in model.vision.parameters())
     reasons = [
-        (bool(trains), f"parameters outside the heads train ({trains[0] if trains else ''}); only heads-only "
-                       "plans (both towers locked) are cached so far"),
+        (bool(trains), f"parameters outside the heads and the vision tower train ({trains[0] if trains else ''}); "
+                       "the text tower must be locked"),
+        (vision_trains and model.vision.frozen_prefix_depth() is None, "the vision tower's stem trains, so no "
+                                                                       "frozen prefix can be cached"),
         (getattr(model, "shared_encoder", None) is not None, "the model has a grown shared encoder"),
         (bool(config.growth), "growth stages change the model during the run"),
         (bool(config.ssl_weight), "SLIP (ssl_weight) runs the vision tower on fresh views"),
@@ -93,7 +102,8 @@ def fingerprint(model: torch.nn.Module, data: datasets.Dataset, config: TrainCon
     """Everything that decides the cache's contents, as strings (the file's metadata; its hash is its name)."""
     views = config.cache_views if augment != "none" else 1  # without augmentation all views are one
     return {
-        "lilt_version": __version__, "depth": DEPTH, "dtype": "float32",
+        "lilt_version": __version__, "dtype": "float32",
+        "depth": "pooled" if vision_depth(model) is None else f"vision-blocks:{vision_depth(model)}",
         "vision_sha256": model.vision.backbone_sha256, "vision_config": model.config.vision.to_json(),
         "transform": json.dumps({k: str(v) for k, v in sorted(dict(model.vision.data_config).items())}),
         "augment": augment, "views": str(views), "view_seed": str(config.seed if views > 1 else ""),
@@ -105,13 +115,14 @@ def fingerprint(model: torch.nn.Module, data: datasets.Dataset, config: TrainCon
 class FeatureCache:
     """Cached pooled features and, per table row, where its image (view 0) and caption sit; bad rows named."""
 
-    images: torch.Tensor  # (images * views, vision width); row = image * views + view
+    images: torch.Tensor  # (images * views, *what the heads or the first trainable block take); image * views + view
     texts: torch.Tensor  # (captions, text width)
     image_of_row: torch.Tensor  # per table row: image index, -1 for a bad row
     text_of_row: torch.Tensor  # per table row: caption index, -1 for a bad row
     bad: dict[int, str]
     views: int
     path: Path
+    depth: int | None = None  # vision blocks run before caching; None: the pooled output
 
     @property
     def nbytes(self) -> int:
@@ -125,7 +136,8 @@ class FeatureCache:
 
     def inputs(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """Model inputs for a CachedCollator batch: the pooled features of its images and captions."""
-        return {"image_features": self.images[batch["image_index"].to(self.images.device)],
+        key = "image_features" if self.depth is None else "image_hidden"
+        return {key: self.images[batch["image_index"].to(self.images.device)],
                 "text_features": self.texts[batch["text_index"].to(self.texts.device)]}
 
 
@@ -170,7 +182,7 @@ def build_cache(model: torch.nn.Module, data: datasets.Dataset, config: TrainCon
         ids = image_ids(data)
         captions = sorted(set(t for t in data["text"] if isinstance(t, str)))
         n_images = int(ids.max()) + 1 if len(ids) else 0
-        size = 4 * (n_images * views * model.vision_proj.in_features + len(captions) * model.text_proj.in_features)
+        size = 4 * (n_images * views * _image_width(model) + len(captions) * model.text_proj.in_features)
         if size > config.cache_max_gb * 1e9:
             raise ConfigError(f"train.cache: the feature cache would take {size / 1e9:.2f} GB, over train.cache_max_gb="
                               f"{config.cache_max_gb}; raise cache_max_gb, lower cache_views, or set train.cache=off.")
@@ -178,7 +190,27 @@ def build_cache(model: torch.nn.Module, data: datasets.Dataset, config: TrainCon
             tqdm.write(f"feature cache: {n_images} images x {views} view(s) + {len(captions)} captions = "
                        f"{size / 1e6:.1f} MB -> {path}")
         _fill(model, data, config, data_config, ids, captions, views, meta, path, progress)
-    return _read(path, views)
+    return _read(path, views, vision_depth(model))
+
+
+def _encode_images(model: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """What the cache keeps of a batch of images: pooled features, or the frozen vision prefix's output."""
+    depth = vision_depth(model)
+    if depth is None:
+        return model.image_features(pixels).float().cpu()
+    return model.vision.forward_prefix(pixels.to(model.device), depth)[0].float().cpu().contiguous()
+
+
+def _image_width(model: torch.nn.Module) -> int:
+    """Numbers cached per image view (one eval forward of a blank image when a prefix is cached)."""
+    if vision_depth(model) is None:
+        return model.vision_proj.in_features
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            return _encode_images(model.eval(), torch.zeros(1, 3, *transform_size(model)))[0].numel()
+    finally:
+        model.train(was_training)
 
 
 def _fill(model: torch.nn.Module, data: datasets.Dataset, config: TrainConfig, data_config: DataConfig,
@@ -195,7 +227,6 @@ def _fill(model: torch.nn.Module, data: datasets.Dataset, config: TrainConfig, d
     bar = tqdm(total=len(first) * views + len(captions), desc="feature cache", unit="item", disable=not progress)
     try:
         with torch.no_grad():
-            width = model.vision_proj.in_features
             for image, row in first.items():
                 value = data[row]["image"]
                 try:
@@ -209,11 +240,11 @@ def _fill(model: torch.nn.Module, data: datasets.Dataset, config: TrainConfig, d
                     drawn = [torch.zeros(3, *transform_size(model))] * views  # keeps later images' positions
                 chunk += drawn
                 if len(chunk) >= batch:
-                    image_rows.append(model.image_features(torch.stack(chunk)).float().cpu())
+                    image_rows.append(_encode_images(model, torch.stack(chunk)))
                     bar.update(len(chunk))
                     chunk = []
             if chunk:
-                image_rows.append(model.image_features(torch.stack(chunk)).float().cpu())
+                image_rows.append(_encode_images(model, torch.stack(chunk)))
                 bar.update(len(chunk))
             text_rows = []
             for start in range(0, len(captions), batch):
@@ -223,7 +254,7 @@ def _fill(model: torch.nn.Module, data: datasets.Dataset, config: TrainConfig, d
     finally:
         bar.close()
         model.train(was_training)
-    images = torch.cat(image_rows) if image_rows else torch.empty(0, width)
+    images = torch.cat(image_rows) if image_rows else torch.empty(0, _image_width(model))
     texts = torch.cat(text_rows) if text_rows else torch.empty(0, model.text_proj.in_features)
     index = {c: i for i, c in enumerate(captions)}
     image_of_row, text_of_row, bad = [], [], {}
@@ -256,10 +287,10 @@ def _caption_problem(text: Any) -> str | None:
     return None
 
 
-def _read(path: Path, views: int) -> FeatureCache:
+def _read(path: Path, views: int, depth: int | None) -> FeatureCache:
     """The cache file, memory-mapped (safetensors safe_open)."""
     with safe_open(str(path), framework="pt") as handle:
         bad = {int(k): v for k, v in json.loads(handle.metadata()["bad"]).items()}
         tensors = {k: handle.get_tensor(k) for k in handle.keys()}
     return FeatureCache(tensors["images"], tensors["texts"], tensors["image_of_row"], tensors["text_of_row"], bad,
-                        views, path)
+                        views, path, depth)

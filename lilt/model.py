@@ -139,11 +139,19 @@ class DualEncoder(nn.Module):
     def forward(self, pixel_values: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, parallel: Mapping[str, torch.Tensor] | None = None,
                 ssl_views: torch.Tensor | None = None, image_features: torch.Tensor | None = None,
-                text_features: torch.Tensor | None = None, **text_inputs: torch.Tensor) -> DualEncoderOutput:
+                text_features: torch.Tensor | None = None, image_hidden: torch.Tensor | None = None,
+                **text_inputs: torch.Tensor) -> DualEncoderOutput:
         """Embed a batch of image-text pairs (and of parallel text, `source_*`/`target_*` tokenized, if given;
         and SLIP's two extra views of each image, `ssl_views` (batch, 2, 3, H, W), through the SSL head).
-        `image_features`/`text_features`: the towers' pooled outputs, given instead of pixels/tokens (lilt.cache)."""
-        if image_features is not None:
+        From a feature cache (lilt.cache), instead of pixels/tokens: `image_features`/`text_features`, the
+        towers' pooled outputs, or `image_hidden`, the output of the vision tower's frozen prefix of blocks."""
+        if image_hidden is not None:
+            hidden = image_hidden.to(self.device)
+            if hidden.dim() == 4 and getattr(self.vision, "channels_last", False):  # the layout embed() gives
+                hidden = hidden.contiguous(memory_format=torch.channels_last)
+            features = self.vision.forward_suffix(hidden, None, self.vision.frozen_prefix_depth())
+            image = F.normalize(self.vision_proj(features), dim=-1)
+        elif image_features is not None:
             image = F.normalize(self.vision_proj(image_features.to(self.device)), dim=-1)
         else:
             image = self.encode_image(pixel_values)

@@ -22,9 +22,15 @@ HEADS_ONLY = TuningPlan.from_dict({"name": "heads-only",
                                    "rules": [{"tower": "both", "method": "lock", "layers": "all"}]})
 
 
-def heads_only(make_model, **options) -> lilt.DualEncoder:
-    model = make_model("vit", text_options=NO_DROPOUT, **options)
-    lilt.apply_plan(model, HEADS_ONLY)
+# A frozen prefix of vision blocks: the top block of the vision tower trains, the text tower is locked.
+VISION_TOP = TuningPlan.from_dict({"name": "vision-top", "rules": [{"tower": "text", "method": "lock", "layers": "all"},
+                                                                   {"tower": "vision", "method": "unlock",
+                                                                    "layers": "top:1"}]})
+
+
+def heads_only(make_model, vision: str = "vit", plan: TuningPlan = HEADS_ONLY, **options) -> lilt.DualEncoder:
+    model = make_model(vision, text_options=NO_DROPOUT, **options)
+    lilt.apply_plan(model, plan)
     return model
 
 
@@ -42,12 +48,18 @@ def folder(tmp_path: Path) -> Path:
     return write_imagefolder(tmp_path / "pairs", 34, corrupt=2)  # 32 good pairs, 2 unreadable images
 
 
-def test_cached_heads_only_run_gives_the_uncached_weights(make_model, folder: Path, tmp_path: Path) -> None:
-    plain = run(heads_only(make_model), folder, tmp_path / "plain")
-    cached = run(heads_only(make_model), folder, tmp_path / "cached", cache="auto")
+@pytest.mark.parametrize("vision, plan", [("vit", HEADS_ONLY), ("vit", VISION_TOP), ("cnn", VISION_TOP)],
+                         ids=["heads-only", "vit-top-block", "cnn-top-block"])
+def test_a_cached_run_gives_the_uncached_weights(make_model, folder: Path, tmp_path: Path, vision, plan) -> None:
+    plain = run(heads_only(make_model, vision, plan), folder, tmp_path / "plain")
+    cached = run(heads_only(make_model, vision, plan), folder, tmp_path / "cached", cache="auto")
     assert not (tmp_path / "plain" / "feature-cache").exists()
     assert len(list((tmp_path / "cached" / "feature-cache").glob("features-*.safetensors"))) == 1
-    assert max_difference(weights(tmp_path / "plain"), weights(tmp_path / "cached")) < 1e-5
+    # A CNN's convolutions round differently by batch size (7e-8 here: the cache fills in batches of 256),
+    # and Adam turns that into up to 0.03 lr on near-zero gradients of the trained conv; features 1% off
+    # would move the weights by 7e-3.
+    tolerance = 1e-5 if vision == "vit" else 1e-3
+    assert max_difference(weights(tmp_path / "plain"), weights(tmp_path / "cached")) < tolerance
     assert cached.bad_items == plain.bad_items > 0  # the unreadable images are skipped and counted alike
     losses = [h["loss"] for h in cached.history if h.get("loss") is not None]
     assert losses[-1] < losses[0]  # it trained
