@@ -4,7 +4,9 @@ A heads-only plan (both towers locked, only the projection heads and temperature
 same tower outputs every step. With the cache, the pooled features of each caption and of each (image,
 view) are computed once, in eval mode, written as one safetensors file and memory-mapped back; training
 then runs the heads alone on rows looked up by the same sampler, so data order, skipped items and resume
-are those of an uncached run.
+are those of an uncached run. When the text tower is locked and the vision tower trains only blocks after
+a frozen prefix (`unlock top:k`, `deep`, norms of the top blocks), the cache keeps the hidden states that
+enter the first trainable vision block instead, and training runs the rest of the tower.
 
 Views: with `train.cache_views: K` each image is cached under K augmentations, view v drawn with the
 per-sample seed (seed, v, row of the image's first caption); the view an item uses at an epoch is a
@@ -56,7 +58,8 @@ def vision_depth(model: torch.nn.Module) -> int | None:
 
 
 def cache_refusal(model: torch.nn.Module, config: TrainConfig, data_config: DataConfig, data: Any) -> str | None:
-    """Why this run cannot train on cached features (None: it can): only heads-only plans qualify."""
+    """Why this run cannot train on cached features (None: it can): the text tower must be locked and the
+    vision tower locked or trained only after a frozen prefix of blocks."""
     trains = [n for n, p in model.named_parameters() if p.requires_grad and n.split(".")[0] not in HEADS + ("vision",)]
     vision = model.config.vision
     vision_trains = any(p.requires_grad for p in model.vision.parameters())
