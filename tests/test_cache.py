@@ -101,17 +101,18 @@ def test_a_changed_transform_or_backbone_gets_its_own_cache(make_model, folder: 
     assert len(list((tmp_path / "out" / "feature-cache").glob("*.safetensors"))) == 3
 
 
-def test_resume_with_the_cache_is_exact(make_model, folder: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("plan", [HEADS_ONLY, VISION_TOP], ids=["heads-only", "vit-top-block"])
+def test_resume_with_the_cache_is_exact(make_model, folder: Path, tmp_path: Path, plan) -> None:
     out = tmp_path / "run"
     options = {"steps": 12, "save_every": 6, "cache": "auto", "cache_views": 3, "resume": "auto",
                "data": {"augment": "crop-flip"}}
-    run(heads_only(make_model), folder, out, **options)
+    run(heads_only(make_model, plan=plan), folder, out, **options)
     straight = weights(out)
     (cache,) = (out / "feature-cache").glob("*.safetensors")
     written = cache.stat().st_mtime_ns
     shutil.rmtree(out / "checkpoints" / "step-12")
     shutil.rmtree(out / "model")
-    resumed = run(heads_only(make_model), folder, out, **options)
+    resumed = run(heads_only(make_model, plan=plan), folder, out, **options)
     assert resumed.resumed_from == 6
     assert cache.stat().st_mtime_ns == written  # the resumed run read the cache its first part wrote
     assert max_difference(straight, weights(out)) < 1e-6
