@@ -6,7 +6,8 @@ view) are computed once, in eval mode, written as one safetensors file and memor
 then runs the heads alone on rows looked up by the same sampler, so data order, skipped items and resume
 are those of an uncached run. When the text tower is locked and the vision tower trains only blocks after
 a frozen prefix (`unlock top:k`, `deep`, norms of the top blocks), the cache keeps the hidden states that
-enter the first trainable vision block instead, and training runs the rest of the tower.
+enter the first trainable vision block instead, and training runs the rest of the tower. A text tower that
+trains (LiT) is not cached: its batches carry tokens, the images come from the cache.
 
 Views: with `train.cache_views: K` each image is cached under K augmentations, view v drawn with the
 per-sample seed (seed, v, row of the image's first caption); the view an item uses at an epoch is a
@@ -28,7 +29,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import datasets
 import torch
@@ -57,15 +58,20 @@ def vision_depth(model: torch.nn.Module) -> int | None:
     return model.vision.frozen_prefix_depth()
 
 
+def text_cached(model: torch.nn.Module) -> bool:
+    """Whether the caption features are cached (the text tower is locked) or the text tower runs each step."""
+    return not any(p.requires_grad for p in model.text.parameters())
+
+
 def cache_refusal(model: torch.nn.Module, config: TrainConfig, data_config: DataConfig, data: Any) -> str | None:
-    """Why this run cannot train on cached features (None: it can): the text tower must be locked and the
-    vision tower locked or trained only after a frozen prefix of blocks."""
-    trains = [n for n, p in model.named_parameters() if p.requires_grad and n.split(".")[0] not in HEADS + ("vision",)]
+    """Why this run cannot train on cached features (None: it can): the vision tower must be locked or trained
+    only after a frozen prefix of blocks (the text tower is cached when locked, else it runs each step)."""
+    towers = HEADS + ("vision", "text")
+    trains = [n for n, p in model.named_parameters() if p.requires_grad and n.split(".")[0] not in towers]
     vision = model.config.vision
     vision_trains = any(p.requires_grad for p in model.vision.parameters())
     reasons = [
-        (bool(trains), f"parameters outside the heads and the vision tower train ({trains[0] if trains else ''}); "
-                       "the text tower must be locked"),
+        (bool(trains), f"parameters outside the towers and heads train ({trains[0] if trains else ''})"),
         (vision_trains and model.vision.frozen_prefix_depth() is None, "the vision tower's stem trains, so no "
                                                                        "frozen prefix can be cached"),
         (getattr(model, "shared_encoder", None) is not None, "the model has a grown shared encoder"),
@@ -111,6 +117,7 @@ def fingerprint(model: torch.nn.Module, data: datasets.Dataset, config: TrainCon
         "transform": json.dumps({k: str(v) for k, v in sorted(dict(model.vision.data_config).items())}),
         "augment": augment, "views": str(views), "view_seed": str(config.seed if views > 1 else ""),
         "text_sha256": model.text.backbone_sha256, "text_config": model.config.text.to_json(),
+        "text_depth": "pooled" if text_cached(model) else "live",
         "images": _sha(image_keys(data)), "captions": _sha(data["text"])}
 
 
@@ -126,6 +133,7 @@ class FeatureCache:
     views: int
     path: Path
     depth: int | None = None  # vision blocks run before caching; None: the pooled output
+    texts_cached: bool = True  # False: the text tower trains, so batches carry tokens
 
     @property
     def nbytes(self) -> int:
@@ -140,8 +148,12 @@ class FeatureCache:
     def inputs(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """Model inputs for a CachedCollator batch: the pooled features of its images and captions."""
         key = "image_features" if self.depth is None else "image_hidden"
-        return {key: self.images[batch["image_index"].to(self.images.device)],
-                "text_features": self.texts[batch["text_index"].to(self.texts.device)]}
+        inputs = {key: self.images[batch["image_index"].to(self.images.device)]}
+        if self.texts_cached:
+            inputs["text_features"] = self.texts[batch["text_index"].to(self.texts.device)]
+        else:
+            inputs.update({k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch})
+        return inputs
 
 
 @dataclass
@@ -153,6 +165,7 @@ class CachedCollator:
     bad_rows: dict[int, str]
     seed: int
     views: int
+    tokenize: Callable[[Sequence[str]], Mapping[str, torch.Tensor]] | None = None  # the text tower trains
     extra_columns: tuple[str, ...] = ("lang",)
 
     def __call__(self, items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -169,6 +182,8 @@ class CachedCollator:
         batch: dict[str, Any] = {"bad": bad, "seen": len(items)}
         if keep:
             batch["image_index"], batch["text_index"] = torch.tensor(images), torch.tensor(texts)
+            if self.tokenize is not None:
+                batch.update(self.tokenize([i["text"] for i in keep]))
         batch["rows"] = torch.tensor([i["__row__"] for i in keep])
         for column in self.extra_columns:
             batch[column] = [i.get(column) for i in keep]
@@ -183,7 +198,7 @@ def build_cache(model: torch.nn.Module, data: datasets.Dataset, config: TrainCon
     path = cache_folder(config) / f"features-{_sha(sorted(meta.items()))[:24]}.safetensors"
     if not path.is_file():
         ids = image_ids(data)
-        captions = sorted(set(t for t in data["text"] if isinstance(t, str)))
+        captions = sorted(set(t for t in data["text"] if isinstance(t, str))) if text_cached(model) else []
         n_images = int(ids.max()) + 1 if len(ids) else 0
         size = 4 * (n_images * views * _image_width(model) + len(captions) * model.text_proj.in_features)
         if size > config.cache_max_gb * 1e9:
@@ -193,7 +208,7 @@ def build_cache(model: torch.nn.Module, data: datasets.Dataset, config: TrainCon
             tqdm.write(f"feature cache: {n_images} images x {views} view(s) + {len(captions)} captions = "
                        f"{size / 1e6:.1f} MB -> {path}")
         _fill(model, data, config, data_config, ids, captions, views, meta, path, progress)
-    return _read(path, views, vision_depth(model))
+    return _read(path, views, vision_depth(model), text_cached(model))
 
 
 def _encode_images(model: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
@@ -268,7 +283,7 @@ def _fill(model: torch.nn.Module, data: datasets.Dataset, config: TrainConfig, d
         elif image in bad_images:
             bad[row] = bad_images[image]
         image_of_row.append(-1 if row in bad else image)
-        text_of_row.append(-1 if row in bad else index[text])
+        text_of_row.append(-1 if row in bad else index.get(text, -1))
     tensors = {"images": images.contiguous(), "texts": texts.contiguous(),
                "image_of_row": torch.tensor(image_of_row, dtype=torch.int64),
                "text_of_row": torch.tensor(text_of_row, dtype=torch.int64)}
@@ -290,10 +305,10 @@ def _caption_problem(text: Any) -> str | None:
     return None
 
 
-def _read(path: Path, views: int, depth: int | None) -> FeatureCache:
+def _read(path: Path, views: int, depth: int | None, texts_cached: bool) -> FeatureCache:
     """The cache file, memory-mapped (safetensors safe_open)."""
     with safe_open(str(path), framework="pt") as handle:
         bad = {int(k): v for k, v in json.loads(handle.metadata()["bad"]).items()}
         tensors = {k: handle.get_tensor(k) for k in handle.keys()}
     return FeatureCache(tensors["images"], tensors["texts"], tensors["image_of_row"], tensors["text_of_row"], bad,
-                        views, path, depth)
+                        views, path, depth, texts_cached)

@@ -165,7 +165,7 @@ def train(model: torch.nn.Module, data: Any = None, config: TrainConfig | None =
     features = feature_cache(model, config, data_config, segments[0].data, accelerator)
     if features is not None:
         collate = CachedCollator(features.image_of_row, features.text_of_row, features.bad, config.seed,
-                                 features.views)
+                                 features.views, tokenize=None if features.texts_cached else model.tokenize)
     optimizer = make_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     loop = TrainLoop(accelerator, model, config, data_config, contrastive_loss(config), collate)

@@ -16,7 +16,7 @@ from lilt.data.transforms import decode_image, image_transform
 from lilt.recipe import TuningPlan
 from lilt.training import train
 
-from helpers import LWA, NO_DROPOUT, max_difference, weights, write_imagefolder
+from helpers import NO_DROPOUT, REPO, max_difference, weights, write_imagefolder
 
 HEADS_ONLY = TuningPlan.from_dict({"name": "heads-only",
                                    "rules": [{"tower": "both", "method": "lock", "layers": "all"}]})
@@ -26,6 +26,9 @@ HEADS_ONLY = TuningPlan.from_dict({"name": "heads-only",
 VISION_TOP = TuningPlan.from_dict({"name": "vision-top", "rules": [{"tower": "text", "method": "lock", "layers": "all"},
                                                                    {"tower": "vision", "method": "unlock",
                                                                     "layers": "top:1"}]})
+
+LOCK_IMAGE = TuningPlan.from_recipe(REPO / "recipes" / "methods" / "lock-image.yaml")  # LiT: the text tower trains
+FULL = REPO / "recipes" / "methods" / "full.yaml"
 
 
 def heads_only(make_model, vision: str = "vit", plan: TuningPlan = HEADS_ONLY, **options) -> lilt.DualEncoder:
@@ -48,8 +51,9 @@ def folder(tmp_path: Path) -> Path:
     return write_imagefolder(tmp_path / "pairs", 34, corrupt=2)  # 32 good pairs, 2 unreadable images
 
 
-@pytest.mark.parametrize("vision, plan", [("vit", HEADS_ONLY), ("vit", VISION_TOP), ("cnn", VISION_TOP)],
-                         ids=["heads-only", "vit-top-block", "cnn-top-block"])
+@pytest.mark.parametrize("vision, plan", [("vit", HEADS_ONLY), ("vit", VISION_TOP), ("cnn", VISION_TOP),
+                                          ("vit", LOCK_IMAGE)],
+                         ids=["heads-only", "vit-top-block", "cnn-top-block", "lock-image"])
 def test_a_cached_run_gives_the_uncached_weights(make_model, folder: Path, tmp_path: Path, vision, plan) -> None:
     plain = run(heads_only(make_model, vision, plan), folder, tmp_path / "plain")
     cached = run(heads_only(make_model, vision, plan), folder, tmp_path / "cached", cache="auto")
@@ -65,16 +69,16 @@ def test_a_cached_run_gives_the_uncached_weights(make_model, folder: Path, tmp_p
     assert losses[-1] < losses[0]  # it trained
 
 
-def test_auto_leaves_a_plan_that_trains_a_tower_uncached(make_model, folder: Path, tmp_path: Path) -> None:
-    def lwa():
+def test_auto_leaves_a_plan_that_trains_the_vision_stem_uncached(make_model, folder: Path, tmp_path: Path) -> None:
+    def full():
         model = make_model("vit", text_options=NO_DROPOUT)
-        lilt.apply_plan(model, LWA)
+        lilt.apply_plan(model, FULL)
         return model
-    run(lwa(), folder, tmp_path / "off", steps=4)
-    run(lwa(), folder, tmp_path / "auto", steps=4, cache="auto")
+    run(full(), folder, tmp_path / "off", steps=4)
+    run(full(), folder, tmp_path / "auto", steps=4, cache="auto")
     assert not (tmp_path / "auto" / "feature-cache").exists()
     assert max_difference(weights(tmp_path / "off"), weights(tmp_path / "auto")) == 0.0
-    assert "outside the heads" in cache_refusal(lwa(), TrainConfig(), DataConfig(), None)
+    assert "stem trains" in cache_refusal(full(), TrainConfig(), DataConfig(), None)
     assert "SLIP" in cache_refusal(heads_only(make_model), TrainConfig(ssl_weight=1.0), DataConfig(), None)
     assert cache_refusal(heads_only(make_model), TrainConfig(), DataConfig(), None) is None
 
