@@ -410,7 +410,20 @@ class TrainConfig(ConfigBase):
         "simclr", "augmentation of the two SLIP views: 'simclr' (crop 8-100%, flip, colour jitter, grayscale, blur, "
         "as SLIP) or one of DataConfig.augment's presets (e.g. 'style' for colour-bearing captions)")
 
+    cache: Literal["auto", "off"] = knob(
+        "off", "feature cache (lilt.cache): 'auto' computes the frozen towers' pooled features once and trains "
+        "the heads alone on them when the plan trains nothing else (both towers locked); 'off': every step "
+        "runs the towers")
+    cache_views: int = knob(1, "augmented views cached per image (data.augment other than none); each epoch "
+                            "an item uses one of them, by a seeded draw")
+    cache_max_gb: float = knob(8.0, "refuse a feature cache larger than this many GB")
+    cache_dir: str | None = knob(None, "where feature caches are kept: a folder, 'home' for $LILT_HOME/cache "
+                                 "(shared across runs), or None for <output_dir>/feature-cache")
+
     def validate(self) -> None:
+        if not 1 <= self.cache_views <= 1000 or not self.cache_max_gb > 0:
+            raise ConfigError(f"TrainConfig.cache_views={self.cache_views} must be in [1, 1000] and cache_max_gb="
+                              f"{self.cache_max_gb} > 0.")
         if self.steps < 1 or self.batch_size < 1 or self.accumulation_steps < 1:
             raise ConfigError(f"TrainConfig: steps={self.steps}, batch_size={self.batch_size} and "
                               f"accumulation_steps={self.accumulation_steps} must all be >= 1.")

@@ -136,14 +136,30 @@ class DualEncoder(nn.Module):
         embeds = self.text_proj(self.text_features(batch))
         return F.normalize(embeds, dim=-1) if normalize else embeds
 
-    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                parallel: Mapping[str, torch.Tensor] | None = None, ssl_views: torch.Tensor | None = None,
+    def forward(self, pixel_values: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, parallel: Mapping[str, torch.Tensor] | None = None,
+                ssl_views: torch.Tensor | None = None, image_features: torch.Tensor | None = None,
+                text_features: torch.Tensor | None = None, image_hidden: torch.Tensor | None = None,
                 **text_inputs: torch.Tensor) -> DualEncoderOutput:
         """Embed a batch of image-text pairs (and of parallel text, `source_*`/`target_*` tokenized, if given;
-        and SLIP's two extra views of each image, `ssl_views` (batch, 2, 3, H, W), through the SSL head)."""
-        text = {"input_ids": input_ids, "attention_mask": attention_mask, **text_inputs}
-        out = DualEncoderOutput(self.encode_image(pixel_values), self.encode_text(text), self.scale(),
-                                self.logit_bias)
+        and SLIP's two extra views of each image, `ssl_views` (batch, 2, 3, H, W), through the SSL head).
+        From a feature cache (lilt.cache), instead of pixels/tokens: `image_features`/`text_features`, the
+        towers' pooled outputs, or `image_hidden`, the output of the vision tower's frozen prefix of blocks."""
+        if image_hidden is not None:
+            hidden = image_hidden.to(self.device)
+            if hidden.dim() == 4 and getattr(self.vision, "channels_last", False):  # the layout embed() gives
+                hidden = hidden.contiguous(memory_format=torch.channels_last)
+            features = self.vision.forward_suffix(hidden, None, self.vision.frozen_prefix_depth())
+            image = F.normalize(self.vision_proj(features), dim=-1)
+        elif image_features is not None:
+            image = F.normalize(self.vision_proj(image_features.to(self.device)), dim=-1)
+        else:
+            image = self.encode_image(pixel_values)
+        if text_features is not None:
+            text = F.normalize(self.text_proj(text_features.to(self.device)), dim=-1)
+        else:
+            text = self.encode_text({"input_ids": input_ids, "attention_mask": attention_mask, **text_inputs})
+        out = DualEncoderOutput(image, text, self.scale(), self.logit_bias)
         if ssl_views is not None:
             if self.ssl_head is None:
                 raise DataError("ssl_views given, but the model has no SSL head; call model.add_ssl_head() first.")

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from . import checkpoint
 from ._io import write_text
 from .baselines import fit_ridge, heads_from_ridge
+from .cache import CachedCollator, FeatureCache, build_cache, cache_refusal
 from .config import DataConfig, TrainConfig
 from .data import PairCollator, image_transform, pair_loader, ssl_view_transform
 from .data.loader import language_weights
@@ -161,10 +162,15 @@ def train(model: torch.nn.Module, data: Any = None, config: TrainConfig | None =
         warm_up_heads(model, segments[0].data, config, data_config.num_workers, accelerator.is_main_process,
                       val=val)
     prepare_ssl_head(model, config)
+    features = feature_cache(model, config, data_config, segments[0].data, accelerator)
+    if features is not None:
+        collate = CachedCollator(features.image_of_row, features.text_of_row, features.bad, config.seed,
+                                 features.views, tokenize=None if features.texts_cached else model.tokenize)
     optimizer = make_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     loop = TrainLoop(accelerator, model, config, data_config, contrastive_loss(config), collate)
     loop.parallel = parallel
+    loop.features = features
     # WiSE-FT's theta_0: the start of tuning, after the head warm-up (a resume reads it from the checkpoint).
     loop.reference = trainable_state(model) if config.wise_alphas and folder is None else None
     loop.grown_before = grown_before
@@ -200,6 +206,21 @@ def parallel_batches(model: torch.nn.Module, config: TrainConfig, data_config: D
                           pivot=data_config.parallel_pivot, seed=config.seed, options=data_config.options)
     return ParallelBatches(table, model.tokenize, size, config.seed, accelerator.process_index,
                            accelerator.num_processes)
+
+
+def feature_cache(model: torch.nn.Module, config: TrainConfig, data_config: DataConfig, data: Any,
+                  accelerator: Accelerator) -> FeatureCache | None:
+    """The run's feature cache (train.cache: auto, a heads-only plan), on the training device; else None."""
+    if config.cache == "off":
+        return None
+    reason = cache_refusal(model, config, data_config, data)
+    if reason is not None:
+        logger.info("train.cache=auto: training without the feature cache: %s", reason)
+        return None
+    if accelerator.num_processes > 1:
+        raise ConfigError(f"train.cache=auto runs on one process so far; this run has {accelerator.num_processes}. "
+                          "Set train.cache=off or train on one process (the heads alone train fast there).")
+    return build_cache(model, data, config, data_config, progress=accelerator.is_main_process).to(accelerator.device)
 
 
 def prepare_ssl_head(model: torch.nn.Module, config: TrainConfig) -> None:
@@ -291,6 +312,7 @@ class TrainLoop:
         self.best: dict[str, torch.Tensor] | None = None  # keep_best: the best weights so far, and their score
         self.best_score, self.best_step = -math.inf, 0
         self.image_ids: torch.Tensor | None = None  # per row of the current table, when some image has 2+ rows
+        self.features: FeatureCache | None = None  # train.cache: pooled tower outputs looked up per batch
         self.ssl_loss = math.nan  # SLIP: the last step's SimCLR term (before its weight), logged beside the loss
 
     def install(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
@@ -322,8 +344,11 @@ class TrainLoop:
         if isinstance(data, datasets.Dataset):  # a stream's rows cannot be grouped ahead (its images stay apart)
             ids = image_ids(data)
             self.image_ids = torch.from_numpy(ids) if len(ids) and ids.max() + 1 < len(ids) else None
+        workers = self.data_config.num_workers
+        if self.features is not None:  # the collate only looks up indices: no images to read, no workers to start
+            data, workers = data.remove_columns("image"), 0
         loader = pair_loader(data, self.collate, self.config.batch_size, seed=self.config.seed, weights=weights,
-                             num_workers=self.data_config.num_workers, pin_memory=self.data_config.pin_memory)
+                             num_workers=workers, pin_memory=self.data_config.pin_memory)
         return self.acc.prepare(loader)
 
     # -- one step ------------------------------------------------------------------------------------
@@ -331,6 +356,8 @@ class TrainLoop:
         """Optimizer step `step` on a batch (micro-batched when configured); returns the loss (nan: skipped)."""
         inputs = {k: batch[k] for k in ("pixel_values", "input_ids", "attention_mask", "token_type_ids", "ssl_views")
                   if k in batch}
+        if self.features is not None:
+            inputs = self.features.inputs(batch)
         chunks = self.config.accumulation_steps
         ids = self.image_ids[batch["rows"].cpu()].to(self.acc.device) if self.image_ids is not None else None
         self.guard.before_step()

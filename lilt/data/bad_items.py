@@ -30,8 +30,8 @@ class BadItems:
 
     def count(self, batch: dict[str, Any]) -> bool:
         """Add a batch's counts over all processes; False when some process got no usable pair (skip the step)."""
-        local = torch.tensor([batch["seen"], len(batch["bad"]), int("pixel_values" not in batch)],
-                             device=self.acc.device)
+        empty = "pixel_values" not in batch and "image_index" not in batch  # image_index: a lilt.cache batch
+        local = torch.tensor([batch["seen"], len(batch["bad"]), int(empty)], device=self.acc.device)
         seen, bad, empty = (int(x) for x in self.acc.reduce(local, "sum"))
         self.seen, self.bad = self.seen + seen, self.bad + bad
         if len(self.names) < 20:
