@@ -306,6 +306,16 @@ def select_rows(every: list[Row], names: str | None, default: Sequence[str], scr
     return [r for r in every if r.name in wanted]
 
 
+def write_report(stem: Path, summary: dict[str, Any], lrs: dict[str, float], text: str,
+                 plot: Callable[[dict[str, Any], Path], Any]) -> str:
+    """Write STEM.json (lrs and rows), STEM.md (the Markdown) and STEM.png (the plot); return the Markdown."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps({"lrs": lrs, "rows": summary}, indent=1) + "\n")
+    stem.with_suffix(".md").write_text(text + "\n")
+    plot(summary, stem.with_suffix(".png"))
+    return text
+
+
 def save_result(file: Path, result: dict[str, Any]) -> None:
     """Write a finished row atomically: a killed run leaves no half-written row."""
     file.parent.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,6 @@ skips it. `--rows` runs a part (names or groups), `--quick` a 20-minute version 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._bench import (CONSERVE_LANGS, EVAL_LANGS, RESULTS, SEEDS, ZERO_PAIR, Bench, Row,  # noqa: E402,F401
-                               fmt, load_results, row_file, run_rows, select_rows, stat, summarize)
+                               fmt, load_results, row_file, run_rows, select_rows, stat, summarize, write_report)
 
 ROW_DIR = RESULTS / "claims"
 EXTRA_LANGS = ["fr", "it", "pt", "nl", "ru", "ja", "ko", "ar", "hi", "tr"]  # never scored: training text only
@@ -190,11 +189,7 @@ def report(out: Path, quick: bool, results: Path = RESULTS) -> str:
     found = load_results(out, quick)
     summary, lrs = summarize(found), chosen_lrs(found)
     stem = results / ("claims-quick" if quick else "claims")
-    stem.with_suffix(".json").write_text(json.dumps({"lrs": lrs, "rows": summary}, indent=1) + "\n")
-    text = markdown(summary, lrs, quick)
-    stem.with_suffix(".md").write_text(text + "\n")
-    plot(summary, stem.with_suffix(".png"))
-    return text
+    return write_report(stem, summary, lrs, markdown(summary, lrs, quick), plot)
 
 
 def select(names: str | None, quick: bool) -> list[Row]:

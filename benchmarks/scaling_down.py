@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import tempfile
 import time
@@ -35,7 +34,7 @@ from typing import Any, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._bench import (RESULTS, Bench, Row, _finish, collect_stat, fmt, load_results,  # noqa: E402
-                               run_rows, select_rows, summarize)
+                               run_rows, select_rows, summarize, write_report)
 from benchmarks.claims import chosen_lrs, rows as claims_rows  # noqa: E402
 from lilt.data.emoji_cldr import load_emoji_cldr  # noqa: E402
 
@@ -254,12 +253,7 @@ def report(out: Path, quick: bool, results: Path = RESULTS) -> str:
     found = load_results(out, quick)
     summary, lrs = extend(summarize(found), found), chosen_lrs(found)
     stem = results / ("scaling_down-quick" if quick else "scaling_down")
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps({"lrs": lrs, "rows": summary}, indent=1) + "\n")
-    text = markdown(summary, lrs, quick)
-    stem.with_suffix(".md").write_text(text + "\n")
-    plot(summary, stem.with_suffix(".png"))
-    return text
+    return write_report(stem, summary, lrs, markdown(summary, lrs, quick), plot)
 
 
 def select(names: str | None, quick: bool) -> list[Row]:
