@@ -6,8 +6,11 @@ like benchmarks/claims.py (whose pieces it uses, benchmarks/_bench.py), on the *
 saw**. Training steps are fixed, so a smaller share of the data is seen more often (equal compute).
 
 - noise: 30% of the training captions re-paired with a wrong image (`data.options={noise: 0.3}`): all of
-  them, a random 40% (a seeded 40% of each language's pairs), the frozen scorer's top 40% (over all pairs,
-  and within each language) and top 20% (`data.curate`), against the clean data; ridge maps on the same data.
+  them, a random 40% (a seeded 40% of each language's pairs), the crossfit scorer's top 40% (over all pairs,
+  and within each language), top 20% and top 70% (`data.curate`: ridge maps on the frozen features fitted on
+  the noisy pairs themselves, 5 folds of images), the top 40% by one map fitted on the validation split
+  ('frozen' with its default trusted set: it lets validation shape training), against the clean data; ridge
+  maps on the same data.
 - aug: `data.augment` none / crop-flip (the demo's) / style / randaugment / stacked-randaugment, at 50% and
   100% of the pairs.
 - slip: CLIP vs SLIP (`train.ssl_weight=1.0`; SimCLR views, and `style` views that keep colour), at 100% and
@@ -54,9 +57,9 @@ def share(fraction: float) -> str:
     return f"data.pairs_per_lang={{{caps}}}"
 
 
-def curated(keep: float, per_lang: bool = False) -> str:
-    """The frozen scorer's top `keep` share of the training pairs."""
-    return f"data.curate={{scorer: frozen, keep: {keep}, per_lang: {str(per_lang).lower()}}}"
+def curated(keep: float, per_lang: bool = False, scorer: str = "crossfit") -> str:
+    """A scorer's top `keep` share of the training pairs (crossfit: ridge maps fitted on the pairs by folds)."""
+    return f"data.curate={{scorer: {scorer}, keep: {keep}, per_lang: {str(per_lang).lower()}}}"
 
 
 def rows() -> list[Row]:
@@ -66,17 +69,23 @@ def rows() -> list[Row]:
         Row("ridge-clean", "noise", "ridge", note="closed-form ridge map, clean pairs"),
         Row("ridge-noisy", "noise", "ridge", overrides=(NOISE,), note="the same, 30% noisy captions"),
         Row("ridge-noisy-curated40", "noise", "ridge", overrides=(NOISE, curated(0.4)),
-            note="the same, frozen scorer's top 40%"),
+            note="the same, crossfit scorer's top 40%"),
+        Row("ridge-noisy-curated40-trusted", "noise", "ridge", overrides=(NOISE, curated(0.4, scorer="frozen")),
+            note="the same, top 40% by one ridge map fitted on the validation split"),
         Row("lwa", "base", plan="lwa", note="the demo recipe: clean, all pairs, crop-flip, CLIP loss"),
         Row("noisy", "noise", plan="lwa", overrides=(NOISE,), note="all pairs, 30% noisy captions"),
         Row("noisy-random40", "noise", plan="lwa", overrides=(NOISE, share(0.4)),
             note="a random 40% of each language's pairs, 30% noisy"),
         Row("noisy-curated40", "noise", plan="lwa", overrides=(NOISE, curated(0.4)),
-            note="frozen scorer's top 40% over all pairs"),
+            note="crossfit scorer's top 40% over all pairs"),
+        Row("noisy-curated40-trusted", "noise", plan="lwa", overrides=(NOISE, curated(0.4, scorer="frozen")),
+            note="top 40% by one ridge map fitted on the validation split (which then shapes training)"),
+        Row("noisy-curated70", "noise", plan="lwa", overrides=(NOISE, curated(0.7)),
+            note="crossfit scorer's top 70% (the clean share)"),
         Row("noisy-curated40-per-lang", "noise", plan="lwa", overrides=(NOISE, curated(0.4, per_lang=True)),
             note="top 40% within each language"),
         Row("noisy-curated20", "noise", plan="lwa", overrides=(NOISE, curated(0.2)),
-            note="frozen scorer's top 20% over all pairs"),
+            note="crossfit scorer's top 20% over all pairs"),
     ]
     for aug in AUGMENTS:
         out += [Row(f"aug-{aug}", "aug", plan="lwa", overrides=(f"data.augment={aug}",), note=f"augment {aug}"),
@@ -116,7 +125,7 @@ class ScalingBench(Bench):
         if spec.data.curate is None:
             return spec
         # One folder per seed: the rows of a seed score the same pairs, so later ones reuse the saved scores.
-        changes: dict[str, Any] = {"out": str(Path(self.scratch.name) / f"seed{seed}")}
+        changes: dict[str, Any] = {"out": str(Path(self.scratch.name) / f"seed{seed}-{spec.data.curate.scorer}")}
         if self.scorer:
             changes["scorer"] = self.scorer
         data = dataclasses.replace(spec.data, curate=dataclasses.replace(spec.data.curate, **changes))
@@ -153,7 +162,8 @@ def smoke_bench(quick: bool, out: Path, towers: Sequence[str]) -> ScalingBench:
 SECTIONS = (
     ("## Noisy captions: all, random, curated (30% of training captions re-paired)",
      ["lwa", "noisy", "noisy-random40", "noisy-curated40", "noisy-curated40-per-lang", "noisy-curated20",
-      "ridge-clean", "ridge-noisy", "ridge-noisy-curated40"]),
+      "noisy-curated70", "noisy-curated40-trusted", "ridge-clean", "ridge-noisy", "ridge-noisy-curated40",
+      "ridge-noisy-curated40-trusted"]),
     ("## Augmentation (crop-flip = lwa, lwa-50)",
      ["lwa", *[f"aug-{a}" for a in AUGMENTS], "lwa-50", *[f"aug-{a}-50" for a in AUGMENTS]]),
     ("## CLIP vs SLIP", ["lwa", "slip", "slip-style", "lwa-25", "slip-25"]),

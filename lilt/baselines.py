@@ -45,6 +45,17 @@ class RidgeMap:
         weight = torch.linalg.solve(gram, xs.t() @ (y - y_mean))
         return cls(weight.float(), mean.float(), scale.float(), y_mean.float(), alpha)
 
+    @classmethod
+    def from_moments(cls, m: "RidgeMoments", alpha: float = 1.0) -> "RidgeMap":
+        """The same solve as `fit`, from summed statistics (so folds of a large table never sit in memory)."""
+        mean, y_mean = m.sx / m.n, m.sy / m.n
+        var = (torch.diagonal(m.sxx) - m.n * mean ** 2) / max(m.n - 1, 1)
+        scale = var.clamp_min(0).sqrt().clamp_min(1e-6)
+        gram = (m.sxx - m.n * torch.outer(mean, mean)) / torch.outer(scale, scale)
+        cross = (m.sxy - m.n * torch.outer(mean, y_mean)) / scale[:, None]
+        weight = torch.linalg.solve(gram + alpha * torch.eye(len(gram), dtype=gram.dtype), cross)
+        return cls(weight.float(), mean.float(), scale.float(), y_mean.float(), alpha)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Map features x into the target space."""
         return self.y_mean + ((x.float() - self.x_mean) / self.x_scale) @ self.weight
@@ -56,6 +67,41 @@ class RidgeMap:
     def embed_texts(self, y: torch.Tensor) -> torch.Tensor:
         """Unit vectors of (normalized) target features, centred like `embed_images`."""
         return F.normalize(F.normalize(y.float(), dim=-1) - self.y_mean, dim=-1)
+
+
+@dataclass
+class RidgeMoments:
+    """Count and sums of (x, y) pairs (float64): what a ridge fit needs; they add and subtract across folds."""
+
+    n: float
+    sx: torch.Tensor
+    sxx: torch.Tensor
+    sy: torch.Tensor
+    sxy: torch.Tensor
+
+    @classmethod
+    def zeros(cls, x_width: int, y_width: int) -> "RidgeMoments":
+        """No pairs yet."""
+        z = torch.zeros
+        return cls(0.0, z(x_width, dtype=torch.float64), z(x_width, x_width, dtype=torch.float64),
+                   z(y_width, dtype=torch.float64), z(x_width, y_width, dtype=torch.float64))
+
+    def add(self, x: torch.Tensor, y: torch.Tensor, counts: torch.Tensor) -> None:
+        """Add distinct inputs x, each paired `counts[i]` times, whose targets sum to y[i] (rows of x)."""
+        x, y, c = x.double(), y.double(), counts.double()
+        self.n += float(c.sum())
+        self.sx += c @ x
+        self.sxx += (x.t() * c) @ x
+        self.sy += y.sum(0)
+        self.sxy += x.t() @ y
+
+    def __sub__(self, other: "RidgeMoments") -> "RidgeMoments":
+        return RidgeMoments(self.n - other.n, self.sx - other.sx, self.sxx - other.sxx, self.sy - other.sy,
+                            self.sxy - other.sxy)
+
+    def __add__(self, other: "RidgeMoments") -> "RidgeMoments":
+        return RidgeMoments(self.n + other.n, self.sx + other.sx, self.sxx + other.sxx, self.sy + other.sy,
+                            self.sxy + other.sxy)
 
 
 def pair_features(model: Any, data: datasets.Dataset, **options: Any) -> EmbeddedPairs:

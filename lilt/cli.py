@@ -290,8 +290,9 @@ def add_curate_parser(sub: Any) -> None:
     """`lilt curate`: its arguments."""
     curate = sub.add_parser("curate", help="score image-text pairs and keep the best-matched share (data curation)")
     curate.add_argument("--data", required=True, help="a pair source, e.g. builtin:emoji-cldr or pairs.parquet")
-    curate.add_argument("--scorer", default="frozen", help="'frozen' (default: packaged towers + ridge map fitted "
-                        "on trusted pairs) or 'model:DIR' (a trained lilt model)")
+    curate.add_argument("--scorer", default="crossfit", help="'crossfit' (default: packaged towers + ridge maps "
+                        "fitted on the pairs themselves, 5 folds of images; each pair scored by a map that never saw "
+                        "its image), 'frozen' (one map fitted on --trusted pairs) or 'model:DIR' (a trained model)")
     curate.add_argument("--keep", type=float, default=0.4, help="share of pairs kept, the best-scored (default 0.4)")
     curate.add_argument("--out", required=True, help="folder for kept.parquet, scores.parquet, histogram.png, "
                         "summary.json and the resumable chunks/")
@@ -299,9 +300,10 @@ def add_curate_parser(sub: Any) -> None:
     curate.add_argument("--langs", nargs="+", help="only captions in these languages")
     curate.add_argument("--noise", type=float, default=0.0, help="builtin:emoji-cldr: re-pair this share of the "
                         "captions with wrong images first, to measure how much curation removes")
-    curate.add_argument("--trusted", help="clean pairs the frozen scorer's ridge map is fitted on (default: a "
+    curate.add_argument("--trusted", help="clean pairs the 'frozen' scorer's ridge map is fitted on (default: a "
                         "built-in's validation split)")
-    curate.add_argument("--split", default="train", help="split of the source to curate (default train)")
+    curate.add_argument("--split", default="train", help="split of the source to curate (default train; "
+                        "builtin:emoji-cldr also takes all: every split, 170k captions)")
     curate.add_argument("--batch-size", type=int, default=64, help="pairs embedded per batch (default 64; "
                         "memory grows with it: about 2.8 GB peak at 64, 5.5 GB at 256 with the packaged towers)")
     curate.add_argument("--chunk-size", type=int, default=2048, help="pairs per saved chunk of scores (default 2048)")

@@ -168,11 +168,12 @@ def check_builtin(spec: str, options: dict, where: str) -> None:
 class CurateConfig(ConfigBase):
     """`data.curate`: keep only the best-matched share of the training pairs (see `lilt curate`)."""
 
-    scorer: str = knob("frozen", "'frozen' (packaged towers + a ridge map fitted on trusted pairs) or 'model:DIR' "
-                       "(a trained lilt model); the score is the image-text cosine")
+    scorer: str = knob("crossfit", "'crossfit' (packaged towers + ridge maps fitted on the pairs themselves, by "
+                       "folds of images), 'frozen' (the same with one map fitted on trusted pairs) or 'model:DIR' (a "
+                       "trained lilt model); the score is the image-text cosine")
     keep: float = knob(0.4, "share of training pairs kept, the best-scored (Scaling (Down) CLIP: 0.4)")
     per_lang: bool = knob(False, "keep that share within each language, so a small language is not wiped out")
-    trusted: str | None = knob(None, "clean pairs the frozen scorer fits its ridge map on; None: a built-in "
+    trusted: str | None = knob(None, "clean pairs the 'frozen' scorer fits its ridge map on; None: a built-in "
                                "source's validation split")
     out: str | None = knob(None, "folder for the scores, report and resumable chunks; None: a temporary folder")
     batch_size: int = knob(64, "pairs embedded per batch while scoring (memory grows with it)")
@@ -181,9 +182,9 @@ class CurateConfig(ConfigBase):
     def validate(self) -> None:
         if not 0 < self.keep <= 1:
             raise ConfigError(f"data.curate.keep={self.keep} must be a fraction in (0, 1] (e.g. 0.4).")
-        if self.scorer != "frozen" and not self.scorer.startswith("model:"):
-            raise ConfigError(f"data.curate.scorer={self.scorer!r}: give 'frozen' or 'model:DIR' (a callable scorer "
-                              "goes through the API, lilt.curate).")
+        if self.scorer not in ("crossfit", "frozen") and not self.scorer.startswith("model:"):
+            raise ConfigError(f"data.curate.scorer={self.scorer!r}: give 'crossfit', 'frozen' or 'model:DIR' (a "
+                              "callable scorer goes through the API, lilt.curate).")
         if self.batch_size < 1 or self.chunk_size < 1:
             raise ConfigError(f"data.curate batch_size={self.batch_size} and chunk_size={self.chunk_size} must be "
                               ">= 1.")

@@ -9,13 +9,15 @@ import datasets
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from helpers import COLOURS, FakeModel
 from PIL import Image
 
 import lilt
 from lilt.cli import main
 from lilt.config import ConfigError, CurateConfig, DataConfig
-from lilt.curation import FrozenScorer, ModelScorer, curate, select_top
+from lilt.baselines import RidgeMap, RidgeMoments, pair_features
+from lilt.curation import CrossFitScorer, FrozenScorer, ModelScorer, curate, select_top
 from lilt.data import emoji_cldr, load_pairs
 from lilt.data.emoji_cldr import add_noise, load_emoji_cldr
 from lilt.data.resolve import resolve_data
@@ -171,6 +173,68 @@ def test_frozen_scorer_on_tiny_towers_is_deterministic(tmp_path: Path, make_mode
     assert first.summary["scorer"].startswith("frozen:")
 
 
+def test_ridge_from_moments_is_the_direct_fit() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 6, generator=gen), torch.randn(40, 3, generator=gen)
+    counts = torch.tensor([1, 2, 3, 1] * 10)
+    rows = torch.repeat_interleave(torch.arange(40), counts)  # each input paired counts[i] times
+    ys = y[rows] + 0.1 * torch.randn(len(rows), 3, generator=gen)
+    sums = torch.zeros(40, 3, dtype=torch.float64).index_add_(0, rows, ys.double())
+    first, second = RidgeMoments.zeros(6, 3), RidgeMoments.zeros(6, 3)
+    first.add(x[:25], sums[:25], counts[:25])
+    second.add(x[25:], sums[25:], counts[25:])
+    direct, summed = RidgeMap.fit(x[rows], ys, alpha=3.0), RidgeMap.from_moments(first + second, alpha=3.0)
+    for a, b in ((direct.weight, summed.weight), (direct.x_scale, summed.x_scale), (direct.y_mean, summed.y_mean)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    head = int(counts[:25].sum())  # rows are grouped by input, so the first 25 inputs' pairs come first
+    alone = RidgeMap.fit(x[rows[:head]], ys[:head], alpha=3.0)
+    torch.testing.assert_close(RidgeMap.from_moments(first + second - second, alpha=3.0).weight, alone.weight,
+                               atol=1e-5, rtol=1e-5)
+
+
+def colour_table(folder: Path, images: int = 8) -> Path:
+    """`images` flat-colour images with two captions each (en, sw)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = ["image,text,lang"]
+    for i in range(images):
+        Image.new("RGB", (8, 8), (30 * i % 256, 255 - 20 * i, 90)).save(folder / f"c{i}.png")
+        rows += [f"c{i}.png,colour number {i},en", f"c{i}.png,rangi namba {i},sw"]
+    (folder / "pairs.csv").write_text("\n".join(rows) + "\n")
+    return folder / "pairs.csv"
+
+
+def test_crossfit_scorer_fits_each_fold_without_its_images_and_resumes(tmp_path: Path, make_model) -> None:
+    table = colour_table(tmp_path / "src")
+    model = make_model("vit")
+    scorer = CrossFitScorer(model, folds=3, alpha=10.0, batch_size=4)
+    first = curate(str(table), scorer=scorer, keep=0.5, out=tmp_path / "a", chunk_size=2, progress=False)
+    data = load_pairs(table)
+    ids = np.arange(len(data)) // 2  # two captions per image, image by image
+    for k, ridge in enumerate(scorer.maps):  # fold k's map is the plain fit on every other fold's pairs
+        others = data.select(np.flatnonzero(scorer.fold != k))
+        assert set(ids[scorer.fold == k]).isdisjoint(ids[scorer.fold != k])  # folds split by image
+        direct = RidgeMap.fit(*_ridge_inputs(pair_features(model, others, batch_size=4)), alpha=10.0)
+        torch.testing.assert_close(ridge.weight, direct.weight, atol=1e-4, rtol=1e-4)
+    a = pq.read_table(first.scores).column("score").to_numpy()
+    assert np.isfinite(a).all() and np.abs(a).max() <= 1 + 1e-5
+    assert first.summary["scorer"].startswith("crossfit:") and "folds=3" in first.summary["scorer"]
+    second = curate(str(table), scorer=CrossFitScorer(model, folds=3, alpha=10.0, batch_size=4), keep=0.5,
+                    out=tmp_path / "b", chunk_size=50, progress=False)
+    np.testing.assert_allclose(a, pq.read_table(second.scores).column("score").to_numpy(), atol=1e-5)
+    # A rerun reads the saved features and scores: a scorer that cannot embed gives the same output.
+    (tmp_path / "a" / "chunks" / "chunk-00001.parquet").unlink()
+    blind = CrossFitScorer(model, folds=3, alpha=10.0, batch_size=4)
+    blind.image_features = blind.text_features = None  # calling either would raise
+    again = curate(str(table), scorer=blind, keep=0.5, out=tmp_path / "a", chunk_size=2, progress=False)
+    assert pq.read_table(again.scores).equals(pq.read_table(first.scores))
+    with pytest.raises(lilt.errors.DataError, match="folds"):
+        curate(str(table), scorer=CrossFitScorer(model, folds=9), keep=0.5, out=tmp_path / "c", progress=False)
+
+
+def _ridge_inputs(features) -> tuple[torch.Tensor, torch.Tensor]:
+    return features.images[features.text_image], torch.nn.functional.normalize(features.texts, dim=-1)
+
+
 def test_data_curate_keeps_the_best_training_pairs_and_leaves_validation(tmp_path: Path, make_model) -> None:
     table = pair_table(tmp_path / "src", n=12)
     model = make_model("vit")
@@ -202,7 +266,7 @@ def test_unknown_scorer_and_misplaced_noise_are_one_line_errors(tmp_path: Path, 
     assert err.count("\n") == 0 and "unknown scorer 'clip'" in err and "model:DIR" in err
     assert main(["curate", "--data", str(table), "--noise", "0.3", "--out", str(tmp_path / "o")]) == 2
     assert "builtin:emoji-cldr only" in capsys.readouterr().err
-    assert main(["curate", "--data", str(table), "--out", str(tmp_path / "o")]) == 2  # frozen, but nothing trusted
+    assert main(["curate", "--data", str(table), "--scorer", "frozen", "--out", str(tmp_path / "o")]) == 2  # untrusted
     assert "--trusted" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="scorer='bogus'"):
         CurateConfig(scorer="bogus")

@@ -149,7 +149,9 @@ def _builtin(name: str, split: str, *, langs: Sequence[str] | None, pairs_per_la
              seed: int, **options: Any) -> datasets.Dataset:
     if name == "emoji-cldr":
         caps = pairs_per_lang if split == "train" else None
-        data = load_emoji_cldr(split=split, langs=langs, pairs_per_lang=caps, seed=seed, **options)
+        # "all": every split in one table with a `split` column (to curate or embed the whole set, not to train).
+        data = load_emoji_cldr(split=None if split == "all" else split, langs=langs, pairs_per_lang=caps, seed=seed,
+                               **options)
         return select_pairs(data, max_pairs=max_pairs)
     if name == "tiny-random":
         data = load_tiny_random(split=split, seed=seed, **options)

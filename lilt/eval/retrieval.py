@@ -56,12 +56,19 @@ def embed_images(model: Any, data: datasets.Dataset, *, features: bool = False, 
 @torch.inference_mode()
 def embed_texts(model: Any, texts: Sequence[str], *, features: bool = False, batch_size: int = 256,
                 progress: bool = False) -> torch.Tensor:
-    """Embed captions in batches (tokenized a batch at a time)."""
+    """Embed captions in batches of similar length (tokenized a batch at a time), returned in the input order."""
     encode = model.text_features if features else model.encode_text
-    chunks = [encode({k: v.to(model.device) for k, v in model.tokenize(list(texts[s:s + batch_size])).items()})
-              .float().cpu() for s in tqdm(range(0, len(texts), batch_size), disable=not progress, desc="texts",
-                                           leave=False)]
-    return check_finite(torch.cat(chunks), "caption embeddings")
+    # Longest first, as sentence-transformers does: a batch pads to its longest caption, so mixing lengths
+    # (138 languages' names) wastes most of the text tower's work on padding.
+    order = np.argsort([-len(t) for t in texts], kind="stable")
+    chunks = [encode({k: v.to(model.device) for k, v in
+                      model.tokenize([texts[i] for i in order[s:s + batch_size]]).items()}).float().cpu()
+              for s in tqdm(range(0, len(texts), batch_size), disable=not progress, desc="texts", leave=False)]
+    if not chunks:
+        raise DataError("no captions to embed.")
+    out = chunks[0].new_empty((len(texts), chunks[0].shape[1]))
+    out[torch.from_numpy(order)] = torch.cat(chunks)
+    return check_finite(out, "caption embeddings")
 
 
 @torch.inference_mode()
