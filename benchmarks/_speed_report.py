@@ -80,6 +80,13 @@ def _f(value: float | None, digits: int = 1, suffix: str = "") -> str:
     return "-" if value is None else f"{value:.{digits}f}{suffix}"
 
 
+def _rounds(run: dict[str, Any]) -> str:
+    """'median (round 1, round 2, ...)' of a builder's samples/s, or '-' when it did not run."""
+    if run.get("samples_per_s") is None:
+        return "-"
+    return f"{run['samples_per_s']:.1f} ({', '.join(f'{x:.1f}' for x in run['rounds'])})"
+
+
 def markdown(meta: dict[str, Any], rows: dict[str, Any], results: list[dict[str, Any]]) -> str:
     """The report: step rows, the split, end-to-end rows, the checks, and what open_clip needed by hand."""
     versions = ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items())
@@ -94,9 +101,8 @@ def markdown(meta: dict[str, Any], rows: dict[str, Any], results: list[dict[str,
     for config in step_rows:
         row = rows[config]
         lilt, oc = row.get("lilt", {}), row.get("open_clip", {})
-        rounds = ", ".join(f"{x:.1f}" for x in lilt.get("rounds", []))
         lines.append(f"| {config} | {_f(lilt.get('percent'), 3)} / {_f(oc.get('percent'), 3)} | "
-                     f"{_f(oc.get('samples_per_s'))} | {_f(lilt.get('samples_per_s'))} ({rounds}) | "
+                     f"{_f(oc.get('samples_per_s'))} | {_rounds(lilt)} | "
                      f"{_f(row['vs_open_clip'], 2, 'x')} | {_f(row['vs_full'], 2, 'x')} | "
                      f"{_f(lilt.get('peak_rss_mib'), 0)} ({_f(row['rss_vs_full'], 2)}) |")
     lines += ["", "Where the time goes (median seconds per step: forward+loss / backward / optimizer) and the no-grad "
@@ -121,8 +127,7 @@ def markdown(meta: dict[str, Any], rows: dict[str, Any], results: list[dict[str,
         for config in e2e:
             row = rows[config]
             run = row.get("lilt") or row.get("open_clip") or {}
-            rounds = ", ".join(f"{x:.1f}" for x in run.get("rounds", []))
-            lines.append(f"| {config} | {_f(run.get('samples_per_s'))} ({rounds}) | {_f(run.get('wall_s'))} | "
+            lines.append(f"| {config} | {_rounds(run)} | {_f(run.get('wall_s'))} | "
                          f"{_f(row.get('vs_open_clip_e2e'), 2, 'x')} | {_f(run.get('peak_rss_mib'), 0)} |")
     lines += ["", "| check | measured | bound | |", "|---|---:|---:|---|"]
     for c in results:
