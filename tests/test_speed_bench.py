@@ -1,0 +1,146 @@
+"""benchmarks/speed.py: open_clip gets lilt's towers and trainable sets, the report's checks, a smoke run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import REPO
+
+sys.path.insert(0, str(REPO))  # benchmarks/ is a folder of scripts at the repository root, not an installed package
+from benchmarks import speed  # noqa: E402
+from benchmarks._speed_report import report  # noqa: E402
+from benchmarks._speed_runs import CONFIGS, Spec, lilt_model, open_clip_model  # noqa: E402
+
+HAS_OPEN_CLIP = importlib.util.find_spec("open_clip") is not None
+needs_open_clip = pytest.mark.skipif(not HAS_OPEN_CLIP, reason="open_clip is not installed (pip install 'lilt[bench]')")
+
+
+def _spec(tiny_dirs: dict[str, Path], config: str, builder: str = "lilt") -> Spec:
+    return Spec(config=config, builder=builder, vision=str(tiny_dirs["cnn"]), text=str(tiny_dirs["bert"]),
+                image_size=32, tokens=8, batch_size=4, steps=1, warmup=1, threads=1, device="cpu", embed_dim=16)
+
+
+def _trainable(model: torch.nn.Module, prefixes: tuple[str, ...]) -> int:
+    return sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and n.startswith(prefixes))
+
+
+@needs_open_clip
+@pytest.mark.parametrize("config", [c for c, (_, oc) in CONFIGS.items() if oc])
+def test_open_clip_trains_the_same_tower_parameters(tiny_dirs: dict[str, Path], config: str) -> None:
+    """Per tower, open_clip's flags (and hand patches) train exactly as many parameters as lilt's plan."""
+    spec = _spec(tiny_dirs, config)
+    lilt = lilt_model(spec, CONFIGS[config][0]())
+    oc, _ = open_clip_model(spec, CONFIGS[config][1])
+    assert _trainable(oc, ("visual.trunk.",)) == _trainable(lilt, ("vision.",))
+    assert _trainable(oc, ("text.transformer.",)) == _trainable(lilt, ("text.",))
+    # Heads: lilt's projections have a bias (ModelConfig.head_bias), open_clip's do not.
+    assert _trainable(lilt, ("vision_proj.", "text_proj.", "logit_")) == \
+        _trainable(oc, ("visual.head.", "text.proj.", "logit_")) + 2 * spec.embed_dim
+    if config == "full":
+        assert _trainable(oc, ("visual.trunk.",)) == sum(p.numel() for p in oc.visual.trunk.parameters())
+
+
+@needs_open_clip
+def test_open_clip_runs_the_same_towers(tiny_dirs: dict[str, Path]) -> None:
+    """The copied weights and the pooling give lilt's pooled tower features (eval mode)."""
+    spec = _spec(tiny_dirs, "heads")
+    lilt = lilt_model(spec, CONFIGS["heads"][0]()).eval()
+    oc, _ = open_clip_model(spec, "heads")
+    oc.eval()
+    images = torch.randn(2, 3, 32, 32)
+    ids = torch.randint(5, 30, (2, 8))
+    with torch.no_grad():
+        assert torch.allclose(oc.visual.trunk(images), lilt.vision(images), atol=1e-5)
+        out = oc.text.transformer(input_ids=ids, attention_mask=torch.ones_like(ids))
+        pooled = oc.text.pooler(out, torch.ones_like(ids))
+        assert torch.allclose(pooled, lilt.text({"input_ids": ids, "attention_mask": torch.ones_like(ids)}),
+                              atol=1e-5)
+
+
+def _run(config: str, builder: str, round_index: int, sps: float, rss: float) -> dict:
+    return {"config": config, "builder": builder, "round": round_index, "samples_per_s": sps, "peak_rss_mib": rss,
+            "split_s": {"forward": 0.5, "backward": 1.0, "optimizer": 0.25}, "nograd_samples_per_s": 3 * sps,
+            "percent": 1.0, "trainable": 10, "notes": ["patched"] if builder == "open_clip" else []}
+
+
+def test_report_medians_ratios_and_checks(tmp_path: Path) -> None:
+    runs = [_run("full", "open_clip", r, s, 3000) for r, s in enumerate((9.0, 10.0, 11.0))]
+    runs += [_run("full", "lilt", r, s, 2000) for r, s in enumerate((10.0, 12.0, 14.0))]
+    runs += [_run("layernorm", "open_clip", r, 10.0, 2500) for r in range(3)]
+    runs += [_run("layernorm", "lilt", r, 14.0, 900) for r in range(3)]  # 1.4x open_clip: fails 1.5x
+    runs += [_run("lwa", "lilt", r, 20.0, 1100) for r in range(3)]  # 1.67x full, RSS 0.55x full
+    runs += [{**_run("e2e-open_clip-heads", "open_clip", r, 10.0, 1500), "wall_s": 60.0} for r in range(3)]
+    runs += [{**_run("e2e-heads-cache", "lilt", r, 80.0, 1000), "wall_s": 8.0} for r in range(3)]
+    meta = {"device_name": "CPU (2 threads) test", "vision": "v", "text": "t", "batch_size": 32, "image_size": 224,
+            "tokens": 32, "steps": 10, "warmup": 2, "rounds": 3, "epochs": 5, "pairs": 1226, "num_workers": 2}
+    stem = tmp_path / "speed_cpu"
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "runs": runs}))
+    text = report(stem)
+    assert "| full | 1.000 / 1.000 | 10.0 | 12.0 (10.0, 12.0, 14.0) | 1.20x | 1.00x | 2000 (1.00) |" in text
+    assert "| layernorm vs open_clip's same set | 1.40x | >= 1.5x | **fail** |" in text
+    assert "| lwa vs lilt full | 1.67x | >= 1.6x | pass |" in text
+    assert "| lwa peak RSS vs lilt full | 0.55x | <= 0.5x | **fail** |" in text
+    assert "| layernorm peak RSS vs lilt full | 0.45x | <= 0.5x | pass |" in text
+    assert "| e2e-heads-cache end to end vs open_clip heads-only end to end | 8.00x | >= 5.0x | pass |" in text
+    assert "| lora vs lilt full | - | >= 1.6x | not measured |" in text
+    assert "By hand: patched." in text
+    saved = json.loads(stem.with_suffix(".json").read_text())
+    assert saved["summary"]["full"]["vs_open_clip"] == pytest.approx(1.2)
+    assert stem.with_suffix(".md").read_text() == text and stem.with_suffix(".png").stat().st_size > 1000
+
+
+def test_configs_and_rounds_interleave() -> None:
+    assert speed.plan_runs(["full", "lwa", "e2e-heads-cache", "e2e-open_clip-heads"], open_clip=True) == [
+        ("full", "open_clip"), ("full", "lilt"), ("lwa", "lilt"), ("e2e-heads-cache", "lilt"),
+        ("e2e-open_clip-heads", "open_clip")]
+    assert speed.plan_runs(["full", "e2e-open_clip-heads"], open_clip=False) == [("full", "lilt")]
+    assert speed.choose("lwa,full") == ["full", "lwa"]
+    with pytest.raises(SystemExit, match="unknown configs \\['fulll'\\]"):
+        speed.choose("fulll")
+    with pytest.raises(SystemExit, match="its own --results"):
+        speed.parse(["--smoke-towers", "a", "b"])
+
+
+def _smoke(tiny_dirs: dict[str, Path], results: Path, configs: str) -> list[str]:
+    return ["--smoke-towers", str(tiny_dirs["cnn"]), str(tiny_dirs["bert"]), "--results", str(results),
+            "--configs", configs, "--rounds", "2", "--steps", "1", "--warmup", "1", "--epochs", "1", "--threads", "1",
+            "--num-workers", "0"]
+
+
+@pytest.mark.slow
+def test_smoke_run_lilt_alone(tmp_path: Path, tiny_dirs: dict[str, Path], monkeypatch, capsys) -> None:
+    """Without open_clip the lilt rows still run, each in its own process, and the report says what is missing."""
+    monkeypatch.setattr(speed, "has_open_clip", lambda: False)
+    assert speed.main(_smoke(tiny_dirs, tmp_path, "full,lwa,e2e-heads-cache,e2e-open_clip-heads")) == 0
+    assert "open_clip is not installed" in capsys.readouterr().out
+    data = json.loads((tmp_path / "speed_cpu.json").read_text())
+    assert sorted((r["config"], r["round"]) for r in data["runs"]) == [
+        (c, r) for c in ("e2e-heads-cache", "full", "lwa") for r in (0, 1)]
+    assert all(r["builder"] == "lilt" and r["samples_per_s"] > 0 and r["peak_rss_mib"] > 50 for r in data["runs"])
+    e2e = [r for r in data["runs"] if r["config"] == "e2e-heads-cache"]
+    assert all(r["cache_files"] and r["steps"] == 64 // 8 for r in e2e)  # 64 pairs, batch 8, 1 epoch, cache filled
+    assert data["summary"]["lwa"]["vs_full"] > 0
+    assert "| lwa vs lilt full |" in (tmp_path / "speed_cpu.md").read_text()
+
+
+@needs_open_clip
+@pytest.mark.slow
+def test_smoke_run_side_by_side(tmp_path: Path, tiny_dirs: dict[str, Path]) -> None:
+    assert speed.main(_smoke(tiny_dirs, tmp_path, "layernorm,e2e-open_clip-heads")) == 0
+    data = json.loads((tmp_path / "speed_cpu.json").read_text())
+    # Round 1 runs open_clip first, round 2 lilt first.
+    assert [(r["config"], r["builder"], r["round"]) for r in data["runs"]] == [
+        ("layernorm", "open_clip", 0), ("layernorm", "lilt", 0), ("e2e-open_clip-heads", "open_clip", 0),
+        ("layernorm", "lilt", 1), ("layernorm", "open_clip", 1), ("e2e-open_clip-heads", "open_clip", 1)]
+    layernorm = data["summary"]["layernorm"]
+    assert layernorm["vs_open_clip"] > 0 and layernorm["open_clip"]["split_s"]["backward"] > 0
+    assert layernorm["lilt"]["percent"] > layernorm["open_clip"]["percent"] > 0  # lilt's heads have a bias
+    assert any("by hand" in n for n in layernorm["open_clip"]["notes"])
+    e2e = data["summary"]["e2e-open_clip-heads"]["open_clip"]
+    assert e2e["samples_per_s"] > 0 and e2e["trainable"] == 32 * 16 + 256 * 16 + 1  # text and vision heads, scale
