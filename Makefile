@@ -20,7 +20,7 @@ BROWSER_PACKAGES := chromium chromium-driver
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
-	$(BIN)/python -m pip install --quiet -e '.[dev,packaged,serve]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,packaged,serve,bench]'
 	touch $(STAMP)
 
 install: $(STAMP)
