@@ -365,6 +365,9 @@ class TrainConfig(ConfigBase):
     warmup_steps: int = knob(50, "linear warm-up steps before the schedule")
     schedule: Literal["cosine", "linear", "constant"] = knob("cosine", "learning-rate decay after warm-up")
     max_grad_norm: float | None = knob(1.0, "clip the gradient norm to this; None: no clipping")
+    gradient_checkpointing: bool = knob(
+        False, "recompute the towers' trainable blocks in the backward pass instead of keeping their activations: "
+        "less memory, about one more forward pass of those blocks per step (torch.utils.checkpoint)")
     loss: Literal["clip", "siglip"] = knob("clip", "contrastive loss (siglip needs ModelConfig.logit_bias)")
     local_loss: bool = knob(False, "each process scores only its own rows against all (open_clip's local_loss)")
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = knob(

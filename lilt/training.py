@@ -162,6 +162,8 @@ def train(model: torch.nn.Module, data: Any = None, config: TrainConfig | None =
         warm_up_heads(model, segments[0].data, config, data_config.num_workers, accelerator.is_main_process,
                       val=val)
     prepare_ssl_head(model, config)
+    if hasattr(model, "set_gradient_checkpointing"):
+        model.set_gradient_checkpointing(config.gradient_checkpointing)
     features = feature_cache(model, config, data_config, segments[0].data, accelerator)
     if features is not None:
         collate = CachedCollator(features.image_of_row, features.text_of_row, features.bad, config.seed,
