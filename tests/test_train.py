@@ -188,3 +188,24 @@ def test_gradient_checkpointing_trains_and_resumes_like_a_plain_run(make_model, 
     assert losses(tmp_path / "plain") == pytest.approx(losses(tmp_path / "checkpointed"), abs=1e-5)
     resumed = run("resumed", True, resume=str(tmp_path / "plain" / "checkpoints" / "step-3"))
     assert max_difference(plain, resumed) < 1e-5
+
+
+def _resident_mib() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings exist on Linux only")
+def test_cpu_training_keeps_freed_memory_for_reuse_and_returns_it_after() -> None:
+    import numpy as np
+
+    from lilt.cpu_memory import reuse_freed_memory
+
+    with reuse_freed_memory(False) as active:
+        assert not active
+    with reuse_freed_memory() as active:
+        assert active
+        block = np.ones(64 * 2**20, dtype=np.uint8)  # 64 MB: glibc would mmap it and unmap it on free
+        held = _resident_mib()
+        del block
+        assert _resident_mib() > held - 16  # freed, but kept: the next step reuses these pages
+    assert _resident_mib() < held - 48  # after training the memory goes back to the system

@@ -235,13 +235,21 @@ class Tower(nn.Module):
         """Blocks from `depth` on, then the finish: the part of the tower that trains."""
         recompute = self.gradient_checkpointing and torch.is_grad_enabled()
         for block in self._runnable_blocks()[depth:]:
-            # A block whose BatchNorm updates running statistics would update them twice when run again.
-            if recompute and not _updates_bn_stats(block):
-                # Non-reentrant: any input may need no gradient, and the RNG is replayed (same dropout masks).
-                hidden = checkpoint(self.run_block, block, hidden, context, use_reentrant=False)
-            else:
-                hidden = self.run_block(block, hidden, context)
+            for piece in self._recompute_pieces(block) if recompute else [block]:
+                # A piece whose BatchNorm updates running statistics would update them twice when run again.
+                if recompute and not _updates_bn_stats(piece):
+                    # Non-reentrant: any input may need no gradient, and the RNG is replayed (same dropout masks).
+                    hidden = checkpoint(self.run_block, piece, hidden, context, use_reentrant=False)
+                else:
+                    hidden = self.run_block(piece, hidden, context)
         return self.finish(hidden, context)
+
+    def _recompute_pieces(self, block: nn.Module) -> list[nn.Module]:
+        """What gradient checkpointing recomputes one at a time: each block of a CNN stage (an nn.Sequential,
+        where lilt hooks only inner blocks) - a whole stage would hold most of the tower's activations at once."""
+        if self.block_kind == "cnn" and isinstance(block, nn.Sequential) and len(block) > 1:
+            return list(block)
+        return [block]
 
     def forward(self, inputs: Any) -> torch.Tensor:
         """Pooled features, with the frozen prefix run under no_grad."""
