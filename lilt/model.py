@@ -89,6 +89,15 @@ class DualEncoder(nn.Module):
             embed_dim=embed_dim, **options)
         return cls(config)
 
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute the towers' trainable blocks in the backward pass instead of keeping their activations.
+
+        Peak memory drops to about one block's activations plus each block's input, for one more forward pass
+        of those blocks per step; gradients are the same (dropout masks are replayed).
+        """
+        for tower in (self.vision, self.text):
+            tower.gradient_checkpointing = enabled
+
     # -- encoding ----------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:

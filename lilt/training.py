@@ -32,6 +32,7 @@ from ._io import write_text
 from .baselines import fit_ridge, heads_from_ridge
 from .cache import CachedCollator, FeatureCache, build_cache, cache_refusal
 from .config import DataConfig, TrainConfig
+from .cpu_memory import reuse_freed_memory
 from .data import PairCollator, image_transform, pair_loader, ssl_view_transform
 from .data.loader import language_weights
 from .data.bad_items import BadItems
@@ -162,6 +163,8 @@ def train(model: torch.nn.Module, data: Any = None, config: TrainConfig | None =
         warm_up_heads(model, segments[0].data, config, data_config.num_workers, accelerator.is_main_process,
                       val=val)
     prepare_ssl_head(model, config)
+    if hasattr(model, "set_gradient_checkpointing"):
+        model.set_gradient_checkpointing(config.gradient_checkpointing)
     features = feature_cache(model, config, data_config, segments[0].data, accelerator)
     if features is not None:
         collate = CachedCollator(features.image_of_row, features.text_of_row, features.bad, config.seed,
@@ -185,7 +188,8 @@ def train(model: torch.nn.Module, data: Any = None, config: TrainConfig | None =
         write_text(output / "train_config.json", config.to_json())
         write_text(output / "data_config.json", data_config.to_json())
     accelerator.init_trackers("lilt", config={k: str(v) for k, v in config.to_dict().items()})
-    loop.run(segments, start, val, result, on_stage_end)
+    with reuse_freed_memory(config.reuse_cpu_memory and accelerator.device.type == "cpu"):
+        loop.run(segments, start, val, result, on_stage_end)
     accelerator.end_training()
     return result
 

@@ -1,7 +1,8 @@
-"""The training loop: exact accumulation, 2 processes vs 1, kill and resume, bad data, non-finite losses."""
+"""The training loop: exact accumulation, 2 processes vs 1, resume, bad data, non-finite losses, checkpointing."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -19,7 +20,8 @@ from lilt.losses import clip_loss
 from lilt.gradcache import grad_cache_backward
 from lilt.training import train
 
-from helpers import LWA, NO_DROPOUT, REPO, lilt_train, losses, max_difference, weights, write_imagefolder
+from helpers import (LWA, NO_DROPOUT, REPO, lilt_train, losses, max_difference, sample_batch, weights,
+                     write_imagefolder)
 
 
 def test_grad_cache_gives_the_full_batch_gradient(make_model) -> None:
@@ -113,3 +115,97 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(make_model, tmp_path: P
     with pytest.raises(FloatingPointError, match="3 steps in a row"):
         train(model, "builtin:tiny-random", config, data_config=DataConfig(num_workers=0))
     assert max_difference(before, model.delta_state_dict()) == 0.0
+
+
+def _loss_and_gradients(model: lilt.DualEncoder, images: torch.Tensor,
+                        text: dict[str, torch.Tensor]) -> tuple[float, dict[str, torch.Tensor], int]:
+    """One seeded forward and backward: the loss, every trainable gradient, and the bytes autograd kept."""
+    kept = 0
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal kept
+        kept += 0 if isinstance(tensor, torch.nn.Parameter) else tensor.numel() * tensor.element_size()
+        return tensor
+
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(7)  # the same dropout masks for both runs
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(images, **text)
+    loss = clip_loss(out.image_embeds, out.text_embeds, out.logit_scale)
+    loss.backward()
+    return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, kept
+
+
+@pytest.mark.parametrize("vision", ["vit", "cnn"])
+def test_gradient_checkpointing_gives_the_same_gradients_and_keeps_less(make_model, vision) -> None:
+    model = make_model(vision)  # the text tower's dropout is on: the recomputation must replay its masks
+    lilt.apply_plan(model, LWA)
+    model.train()
+    with torch.no_grad():  # off the zero-initialized adapters, so that every tensor gets a gradient
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    images, text = sample_batch(model, 4)
+    loss, grads, kept = _loss_and_gradients(model, images, text)
+    model.set_gradient_checkpointing(True)
+    loss_ckpt, grads_ckpt, kept_ckpt = _loss_and_gradients(model, images, text)
+    assert loss_ckpt == pytest.approx(loss, abs=1e-6)
+    worst = max(float((grads_ckpt[n] - g).norm() / g.norm().clamp_min(1e-12)) for n, g in grads.items())
+    assert worst < 1e-5
+    assert all(g.abs().sum() > 0 for g in grads.values())
+    assert kept_ckpt < 0.5 * kept  # the blocks' activations were not kept but recomputed
+
+
+def test_gradient_checkpointing_leaves_moving_batchnorm_statistics_alone(make_model) -> None:
+    # Statistics that a forward pass updates would move twice if their block ran again in the backward pass.
+    model = make_model("cnn", vision_options={"image_size": 32, "freeze_bn_stats": False})
+    lilt.apply_plan(model, LWA)
+    model.train()
+    images, text = sample_batch(model, 4)
+    twin = copy.deepcopy(model)
+    twin.set_gradient_checkpointing(True)
+    for m in (model, twin):
+        _loss_and_gradients(m, images, text)
+    stats = {k: v for k, v in model.state_dict().items() if k.endswith(("running_mean", "num_batches_tracked"))}
+    assert stats and int(stats[next(k for k in stats if k.endswith("num_batches_tracked"))]) == 1
+    assert max_difference(stats, {k: twin.state_dict()[k] for k in stats}) == 0.0
+
+
+def test_gradient_checkpointing_trains_and_resumes_like_a_plain_run(make_model, tmp_path: Path) -> None:
+    data = DataConfig(source="builtin:tiny-random", num_workers=0, options={"n": 32})
+
+    def run(out: str, checkpointing: bool, resume: str = "never") -> dict[str, torch.Tensor]:
+        config = TrainConfig(output_dir=str(tmp_path / out), steps=6, save_every=3, batch_size=8, log_every=1,
+                             report_to=[], warmup_steps=2, lr=1e-3, resume=resume,
+                             gradient_checkpointing=checkpointing)
+        model = make_model("cnn")  # dropout on in the text tower
+        lilt.apply_plan(model, LWA)
+        train(model, data_config=data, config=config)
+        return weights(tmp_path / out)
+
+    plain = run("plain", False)
+    assert max_difference(plain, run("checkpointed", True)) < 1e-5
+    assert losses(tmp_path / "plain") == pytest.approx(losses(tmp_path / "checkpointed"), abs=1e-5)
+    resumed = run("resumed", True, resume=str(tmp_path / "plain" / "checkpoints" / "step-3"))
+    assert max_difference(plain, resumed) < 1e-5
+
+
+def _resident_mib() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings exist on Linux only")
+def test_cpu_training_keeps_freed_memory_for_reuse_and_returns_it_after() -> None:
+    import numpy as np
+
+    from lilt.cpu_memory import reuse_freed_memory
+
+    with reuse_freed_memory(False) as active:
+        assert not active
+    with reuse_freed_memory() as active:
+        assert active
+        block = np.ones(64 * 2**20, dtype=np.uint8)  # 64 MB: glibc would mmap it and unmap it on free
+        held = _resident_mib()
+        del block
+        assert _resident_mib() > held - 16  # freed, but kept: the next step reuses these pages
+    assert _resident_mib() < held - 48  # after training the memory goes back to the system

@@ -12,6 +12,7 @@ from typing import Any, ClassVar, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.checkpoint import checkpoint
 
 from .._io import sha256_file
 from ..errors import ConfigError
@@ -115,6 +116,9 @@ class Tower(nn.Module):
     hidden_size: int = 0
     # Whether stem, blocks and finish can run separately; if not, only appended blocks run apart.
     can_split: bool = True
+    # train.gradient_checkpointing: blocks after the frozen prefix keep only their input for the backward
+    # pass and run again there (torch.utils.checkpoint), trading one more forward for their activations.
+    gradient_checkpointing: bool = False
 
     def __init__(self, backbone: nn.Module, source: str) -> None:
         super().__init__()
@@ -229,9 +233,23 @@ class Tower(nn.Module):
 
     def forward_suffix(self, hidden: torch.Tensor, context: Any, depth: int) -> torch.Tensor:
         """Blocks from `depth` on, then the finish: the part of the tower that trains."""
+        recompute = self.gradient_checkpointing and torch.is_grad_enabled()
         for block in self._runnable_blocks()[depth:]:
-            hidden = self.run_block(block, hidden, context)
+            for piece in self._recompute_pieces(block) if recompute else [block]:
+                # A piece whose BatchNorm updates running statistics would update them twice when run again.
+                if recompute and not _updates_bn_stats(piece):
+                    # Non-reentrant: any input may need no gradient, and the RNG is replayed (same dropout masks).
+                    hidden = checkpoint(self.run_block, piece, hidden, context, use_reentrant=False)
+                else:
+                    hidden = self.run_block(piece, hidden, context)
         return self.finish(hidden, context)
+
+    def _recompute_pieces(self, block: nn.Module) -> list[nn.Module]:
+        """What gradient checkpointing recomputes one at a time: each block of a CNN stage (an nn.Sequential,
+        where lilt hooks only inner blocks) - a whole stage would hold most of the tower's activations at once."""
+        if self.block_kind == "cnn" and isinstance(block, nn.Sequential) and len(block) > 1:
+            return list(block)
+        return [block]
 
     def forward(self, inputs: Any) -> torch.Tensor:
         """Pooled features, with the frozen prefix run under no_grad."""
@@ -258,3 +276,8 @@ class Tower(nn.Module):
             return False
         key = key[len("backbone."):].replace(".base_layer.", ".")
         return key in self.pristine_keys
+
+
+def _updates_bn_stats(block: nn.Module) -> bool:
+    """Whether a forward pass of `block` in its current mode moves BatchNorm running statistics."""
+    return any(isinstance(m, _BatchNorm) and m.training and m.track_running_stats for m in block.modules())
