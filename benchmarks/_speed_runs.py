@@ -25,6 +25,7 @@ from typing import Any, Callable
 import torch
 
 from lilt.config import DataConfig, ModelConfig, TextConfig, TrainConfig, VisionConfig
+from lilt.cpu_memory import reuse_freed_memory
 from lilt.data.transforms import decode_image, image_transform
 from lilt.model import DualEncoder
 from lilt.optim import make_optimizer
@@ -250,15 +251,9 @@ def synthetic_batch(spec: Spec, vocab: int, pad: int) -> tuple[torch.Tensor, tor
     return images.to(spec.device), ids.to(spec.device)
 
 
-def measure_steps(spec: Spec) -> dict[str, Any]:
-    """Time `warmup` + `steps` training steps split into forward+loss / backward / optimizer, then no-grad forwards."""
-    parts = lilt_step_parts if spec.builder == "lilt" else open_clip_step_parts
-    model, forward, encode, optimizer = parts(spec)
-    text_model = model.text.backbone if spec.builder == "lilt" else model.text.transformer
-    config = text_model.config
-    images, ids = synthetic_batch(spec, config.vocab_size, config.pad_token_id or 0)
-    rss_built = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    times: dict[str, list[float]] = {"forward": [], "backward": [], "optimizer": []}
+def _time_steps(spec: Spec, forward: Callable, optimizer: torch.optim.Optimizer, images: torch.Tensor,
+                ids: torch.Tensor, times: dict[str, list[float]]) -> None:
+    """Run `warmup` + `steps` training steps, appending the timed ones' forward / backward / optimizer seconds."""
     for step in range(spec.warmup + spec.steps):
         _sync(spec.device)
         t0 = time.perf_counter()
@@ -275,6 +270,21 @@ def measure_steps(spec: Spec) -> dict[str, Any]:
         if step >= spec.warmup:
             for key, value in zip(times, (t1 - t0, t2 - t1, t3 - t2)):
                 times[key].append(value)
+
+
+def measure_steps(spec: Spec) -> dict[str, Any]:
+    """Time `warmup` + `steps` training steps split into forward+loss / backward / optimizer, then no-grad forwards."""
+    parts = lilt_step_parts if spec.builder == "lilt" else open_clip_step_parts
+    model, forward, encode, optimizer = parts(spec)
+    text_model = model.text.backbone if spec.builder == "lilt" else model.text.transformer
+    config = text_model.config
+    images, ids = synthetic_batch(spec, config.vocab_size, config.pad_token_id or 0)
+    rss_built = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    times: dict[str, list[float]] = {"forward": [], "backward": [], "optimizer": []}
+    # lilt's rows run as lilt.train runs them: on a CPU it keeps freed memory for reuse (train.reuse_cpu_memory,
+    # lilt/cpu_memory.py); open_clip's training script does not, though the same malloc settings would help it.
+    with reuse_freed_memory(spec.builder == "lilt" and spec.device == "cpu"):
+        _time_steps(spec, forward, optimizer, images, ids, times)
     model.eval()
     nograd = []
     with torch.no_grad():
