@@ -170,7 +170,7 @@ SECTIONS = (
     ("## Data size", ["lwa-25", "lwa-50", "lwa", "layernorm-25", "layernorm-50", "layernorm"]),
 )
 HEAD = ("| row | pairs | noisy % | en i2t | en t2i | sw i2t | sw t2i | yo i2t | zero-pair i2t | zero-pair t2i | "
-        "train-split en i2t | val mean recall | s/run |")
+        "train-split en i2t | val mean recall | s/run | seeds |")
 
 
 def extend(summary: dict[str, Any], found: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
@@ -192,13 +192,14 @@ def table_line(name: str, e: dict[str, Any]) -> str:
     cells += [fmt(e["test"].get(lang, {}).get(d)) for lang, d in
               (("en", "i2t"), ("en", "t2i"), ("sw", "i2t"), ("sw", "t2i"), ("yo", "i2t"))]
     cells += [fmt(e["zero_pair"]["i2t"]), fmt(e["zero_pair"]["t2i"]), fmt(e["train_split"].get("en", {}).get("i2t")),
-              fmt(e["val_mean_recall"]), f"{e['seconds']['mean']:.0f}" if e.get("seconds") else "-"]
+              fmt(e["val_mean_recall"]), f"{e['seconds']['mean']:.0f}" if e.get("seconds") else "-",
+              str(e["seconds"]["n"]) if e.get("seconds") else "-"]
     return f"| {name} | " + " | ".join(cells) + " |"
 
 
 def markdown(summary: dict[str, Any], lrs: dict[str, float], quick: bool) -> str:
     """The tables, one per finding, with only the rows that have finished."""
-    how = "quick: 60 steps, 1 seed" if quick else "mean (min-max) over seeds"
+    how = "quick: 60 steps; mean (min-max) over the seeds run" if quick else "mean (min-max) over seeds"
     lines = [f"# Scaling (Down) CLIP on builtin:emoji-cldr ({how})", "",
              "Test split = emoji no training step saw; R@1 in %; i2t / t2i. Pairs = training pairs after caps and "
              "curation; noisy % = share of them with a wrong image. Steps are fixed, so fewer pairs are seen more "
@@ -210,7 +211,7 @@ def markdown(summary: dict[str, Any], lrs: dict[str, float], quick: bool) -> str
         present = [n for n in names if n in summary and summary[n]["test"]]
         if len(present) < 2:  # one row alone compares nothing
             continue
-        lines += [title, "", HEAD, "|" + "---|" * 13, *(table_line(n, summary[n]) for n in present), ""]
+        lines += [title, "", HEAD, "|" + "---|" * 14, *(table_line(n, summary[n]) for n in present), ""]
     flip = summary.get("flip-speed", {}).get("flip")
     if flip:
         ratio = f"{flip['ratio']:g}"
