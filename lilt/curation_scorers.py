@@ -44,6 +44,22 @@ def fingerprint(data: datasets.Dataset) -> str:
     return digest.hexdigest()[:16]
 
 
+def embed_chunk_images(model: Any, chunk: datasets.Dataset, *, features: bool = False,
+                       batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """A chunk's distinct images embedded once, and each row's slot among them (-1: unreadable image)."""
+    keys = image_keys(chunk)
+    first: dict[Any, int] = {}
+    unique_rows = [first.setdefault(k, row) for row, k in enumerate(keys) if k not in first]
+    try:
+        images, kept, _ = embed_images(model, chunk.select(unique_rows), features=features, batch_size=batch_size)
+    except DataError:  # not one image of the chunk is readable: every row gets no image
+        return torch.zeros(0, 1), torch.full((len(chunk),), -1, dtype=torch.long)
+    slot = torch.full((len(unique_rows),), -1, dtype=torch.long)
+    slot[kept] = torch.arange(len(kept))
+    position = {row: i for i, row in enumerate(unique_rows)}
+    return images, slot[[position[first[k]] for k in keys]]
+
+
 class ModelScorer:
     """Cosine of a dual encoder's normalized image and caption embeddings (a trained lilt model)."""
 
@@ -76,17 +92,7 @@ class ModelScorer:
     @torch.inference_mode()
     def __call__(self, chunk: datasets.Dataset) -> np.ndarray:
         """Scores of a chunk's rows: each distinct image embedded once, captions a batch at a time."""
-        keys = image_keys(chunk)
-        first: dict[Any, int] = {}
-        unique_rows = [first.setdefault(k, row) for row, k in enumerate(keys) if k not in first]
-        try:
-            images, kept, _ = embed_images(self, chunk.select(unique_rows), batch_size=self.batch_size)
-        except DataError:  # not one image of the chunk is readable: every row scores NaN
-            return np.full(len(chunk), np.nan)
-        slot = torch.full((len(unique_rows),), -1, dtype=torch.long)
-        slot[kept] = torch.arange(len(images))
-        position = {row: i for i, row in enumerate(unique_rows)}
-        row_image = slot[[position[first[k]] for k in keys]]
+        images, row_image = embed_chunk_images(self, chunk, batch_size=self.batch_size)
         texts = chunk["text"]
         scores = torch.full((len(chunk),), float("nan"))
         for start in range(0, len(texts), self.batch_size):
@@ -170,45 +176,13 @@ class CrossFitScorer:
         self.key = f"{name}:{towers}:folds={folds}:alpha={alpha:g}:seed={seed}"
         self.folder: Path | None = None
 
-    # What `embed_images` and `embed_texts` ask of a model: its frozen features, evaluation preprocessing.
-    def image_transform(self, train: bool = False) -> Any:
-        """The towers' evaluation preprocessing."""
-        return self.model.image_transform(train=False)
-
-    @property
-    def device(self) -> torch.device:
-        """Where the towers run."""
-        return self.model.device
-
-    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        """The text tower's tokenizer."""
-        return self.model.tokenize(texts)
-
-    def text_features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Pooled text features."""
-        return self.model.text_features(batch)
-
-    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Pooled image features."""
-        return self.model.image_features(pixels)
-
     def _features(self, chunk: datasets.Dataset, file: Path) -> dict[str, torch.Tensor]:
         """A chunk's distinct images' features, each row's image slot (-1: unreadable) and caption features."""
         if file.exists():
             return load_file(file)
-        keys = image_keys(chunk)
-        first: dict[Any, int] = {}
-        unique_rows = [first.setdefault(k, row) for row, k in enumerate(keys) if k not in first]
-        try:
-            images, kept, _ = embed_images(self, chunk.select(unique_rows), features=True,
-                                           batch_size=self.batch_size)
-        except DataError:  # not one image of the chunk is readable
-            images, kept = torch.zeros(0, 1), torch.zeros(0, dtype=torch.long)
-        slot = torch.full((len(unique_rows),), -1, dtype=torch.long)
-        slot[kept] = torch.arange(len(kept))
-        position = {row: i for i, row in enumerate(unique_rows)}
-        features = {"images": images.float().contiguous(), "row_image": slot[[position[first[k]] for k in keys]],
-                    "texts": embed_texts(self, [t or "" for t in chunk["text"]], features=True,
+        images, row_image = embed_chunk_images(self.model, chunk, features=True, batch_size=self.batch_size)
+        features = {"images": images.float().contiguous(), "row_image": row_image,
+                    "texts": embed_texts(self.model, [t or "" for t in chunk["text"]], features=True,
                                          batch_size=self.batch_size).float().contiguous()}
         with atomic_path(file) as tmp:
             save_file(features, str(tmp))
