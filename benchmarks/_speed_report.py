@@ -14,6 +14,8 @@ CHECKS = (
     *((f"{p} end to end vs open_clip heads-only end to end", p, "vs_open_clip_e2e", 5.0, True)
       for p in ("e2e-heads-cache", "e2e-deep-cache")),
     *((f"{p} peak RSS vs lilt full", p, "rss_vs_full", 0.5, False) for p in ("lwa", "layernorm")),
+    *((f"{p} (gradient checkpointing) peak RSS vs lilt full", p, "rss_vs_full", 0.5, False)
+      for p in ("lwa-ckpt", "layernorm-ckpt")),
     *((f"{p} vs open_clip's same set", p, "vs_open_clip", 1.0, True)
       for p in ("full", "lock-image", "text-ln", "heads")),
 )

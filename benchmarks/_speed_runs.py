@@ -80,7 +80,11 @@ CONFIGS: dict[str, tuple[Callable[[], TuningPlan], str | None]] = {
     "lwa": (_recipe("lwa"), None),
     "lora": (_recipe("lora"), None),
     "bitfit": (_recipe("bitfit"), None),
+    # The same plans with train.gradient_checkpointing: blocks keep only their input for the backward.
+    "lwa-ckpt": (_recipe("lwa"), None),
+    "layernorm-ckpt": (_recipe("layernorm"), None),
 }
+CHECKPOINTED = {"lwa-ckpt", "layernorm-ckpt"}
 # End-to-end rows (lilt.train over builtin:emoji-cldr pairs): lilt's plan and train.cache, or open_clip's set.
 E2E: dict[str, tuple[str, Callable[[], TuningPlan] | None, str]] = {
     "e2e-heads-cache": ("lilt", _plan(LOCK_ALL, "heads"), "auto"),
@@ -104,6 +108,7 @@ def lilt_model(spec: Spec, plan: TuningPlan) -> DualEncoder:
 def lilt_step_parts(spec: Spec) -> tuple[torch.nn.Module, Callable, Callable, torch.optim.Optimizer]:
     """lilt through its own model, plan, loss and optimizer: (model, forward -> loss, no-grad forward, optimizer)."""
     model = lilt_model(spec, CONFIGS[spec.config][0]()).to(spec.device).train()
+    model.set_gradient_checkpointing(spec.config in CHECKPOINTED)
     train_config = TrainConfig()
     loss_fn = contrastive_loss(train_config)
 

@@ -15,7 +15,7 @@ from helpers import REPO
 sys.path.insert(0, str(REPO))  # benchmarks/ is a folder of scripts at the repository root, not an installed package
 from benchmarks import speed  # noqa: E402
 from benchmarks._speed_report import report  # noqa: E402
-from benchmarks._speed_runs import CONFIGS, Spec, lilt_model, open_clip_model  # noqa: E402
+from benchmarks._speed_runs import CONFIGS, Spec, lilt_model, lilt_step_parts, open_clip_model  # noqa: E402
 
 HAS_OPEN_CLIP = importlib.util.find_spec("open_clip") is not None
 needs_open_clip = pytest.mark.skipif(not HAS_OPEN_CLIP, reason="open_clip is not installed (pip install 'lilt[bench]')")
@@ -144,3 +144,14 @@ def test_smoke_run_side_by_side(tmp_path: Path, tiny_dirs: dict[str, Path]) -> N
     assert any("by hand" in n for n in layernorm["open_clip"]["notes"])
     e2e = data["summary"]["e2e-open_clip-heads"]["open_clip"]
     assert e2e["samples_per_s"] > 0 and e2e["trainable"] == 32 * 16 + 256 * 16 + 1  # text and vision heads, scale
+
+
+def test_checkpointed_rows_train_the_same_plan_with_gradient_checkpointing(tiny_dirs: dict[str, Path]) -> None:
+    def towers(config: str) -> list[bool]:
+        spec = Spec(config, "lilt", str(tiny_dirs["cnn"]), str(tiny_dirs["bert"]), image_size=32, tokens=8,
+                    batch_size=2, steps=1, warmup=0, threads=1, device="cpu")
+        model = lilt_step_parts(spec)[0]
+        return [model.vision.gradient_checkpointing, model.text.gradient_checkpointing]
+
+    assert towers("lwa-ckpt") == [True, True] and towers("lwa") == [False, False]
+    assert CONFIGS["lwa-ckpt"][1] is None  # open_clip has no such row to stand beside it
