@@ -293,7 +293,8 @@ def fmt(s: dict[str, float] | None) -> str:
 
 # -- choosing and running rows ------------------------------------------------------------------------------
 def select_rows(every: list[Row], names: str | None, default: Sequence[str], script: str) -> list[Row]:
-    """The rows named (or in the groups named) by a comma-separated `names`, in `every`'s order; else `default`."""
+    """The rows named (or in the groups named) by a comma-separated `names`, else `default`: in `every`'s order,
+    learning-rate rows first (the choices other rows read)."""
     if names is None:
         wanted = list(default)
     else:
@@ -303,16 +304,25 @@ def select_rows(every: list[Row], names: str | None, default: Sequence[str], scr
         if unknown:
             raise SystemExit(f"{script}: unknown rows or groups {unknown}; see --list.")
         wanted = [r.name for r in every if r.name in asked or r.group in asked]
-    return [r for r in every if r.name in wanted]
+    return sorted((r for r in every if r.name in wanted), key=lambda r: r.group != "lr")
 
 
 def write_report(stem: Path, summary: dict[str, Any], lrs: dict[str, float], text: str,
-                 plot: Callable[[dict[str, Any], Path], Any]) -> str:
-    """Write STEM.json (lrs and rows), STEM.md (the Markdown) and STEM.png (the plot); return the Markdown."""
+                 plot: Callable[[dict[str, Any]], Any]) -> str:
+    """Write STEM.json (lrs and rows), STEM.md (the Markdown) and STEM.png (`plot`'s figure, if it draws one);
+    return the Markdown."""
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps({"lrs": lrs, "rows": summary}, indent=1) + "\n")
     stem.with_suffix(".md").write_text(text + "\n")
-    plot(summary, stem.with_suffix(".png"))
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plot(summary)
+    if fig is not None:
+        fig.tight_layout()
+        fig.savefig(stem.with_suffix(".png"), dpi=110)
+        plt.close(fig)
     return text
 
 

@@ -144,11 +144,9 @@ def markdown(summary: dict[str, Any], lrs: dict[str, float], quick: bool) -> str
     return "\n".join(lines)
 
 
-def plot(summary: dict[str, Any], path: Path) -> Path | None:
+def plot(summary: dict[str, Any]) -> Any:
     """Test R@1 against % trainable (LilT's figure 1), and the Swahili budget curve."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # write_report chose the Agg backend
 
     methods = [r.name for r in rows() if r.group == "method" and r.name in summary and summary[r.name]["test"]]
     if not methods:
@@ -178,10 +176,7 @@ def plot(summary: dict[str, Any], path: Path) -> Path | None:
     right.set_ylabel("test Swahili R@1 image->text, %")
     if right.get_legend_handles_labels()[0]:  # the budget rows may not have run yet
         right.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def report(out: Path, quick: bool, results: Path = RESULTS) -> str:
@@ -196,8 +191,7 @@ def select(names: str | None, quick: bool) -> list[Row]:
     """Rows named (or in the groups named) by --rows; --quick's default set."""
     every = rows()
     default = ["ridge", "heads", "lwa", "lwa+parallel"] if quick else [r.name for r in every]
-    chosen = select_rows(every, names, default, "claims.py")
-    return sorted(chosen, key=lambda r: r.group != "lr")  # choices before use
+    return select_rows(every, names, default, "claims.py")
 
 
 def main(argv: list[str] | None = None) -> int:

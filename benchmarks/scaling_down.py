@@ -222,11 +222,9 @@ def markdown(summary: dict[str, Any], lrs: dict[str, float], quick: bool) -> str
     return "\n".join(lines)
 
 
-def plot(summary: dict[str, Any], path: Path) -> Path | None:
+def plot(summary: dict[str, Any]) -> Any:
     """English test R@1 (image->text) against the share of pairs, and the noise and augmentation rows as bars."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # write_report chose the Agg backend
 
     def en(name: str) -> dict[str, float] | None:
         e = summary.get(name)
@@ -253,10 +251,7 @@ def plot(summary: dict[str, Any], path: Path) -> Path | None:
                    capsize=3)
             ax.set_xticks(range(len(bars)), [n for n, _ in bars], rotation=60, ha="right", fontsize=8)
         ax.set_title(title.lstrip("# ").split(" (")[0], fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def report(out: Path, quick: bool, results: Path = RESULTS) -> str:
@@ -270,8 +265,7 @@ def report(out: Path, quick: bool, results: Path = RESULTS) -> str:
 def select(names: str | None, quick: bool) -> list[Row]:
     """Rows named (or in the groups named) by --rows, learning-rate rows first; --quick's default set."""
     every = rows()
-    chosen = select_rows(every, names, QUICK if quick else [r.name for r in every], "scaling_down.py")
-    return sorted(chosen, key=lambda r: r.group != "lr")  # choices before use
+    return select_rows(every, names, QUICK if quick else [r.name for r in every], "scaling_down.py")
 
 
 def main(argv: list[str] | None = None) -> int:
