@@ -21,12 +21,23 @@ def param_groups(named: Iterable[tuple[str, torch.nn.Parameter]], weight_decay: 
     return [g for g in groups if g["params"]]
 
 
+def adamw(groups: list[dict], lr: float, betas: tuple[float, float]) -> torch.optim.AdamW:
+    """torch's AdamW, with its fused kernel where every parameter lives on a CPU or CUDA device.
+
+    On a CPU torch's default is a loop over tensors: a step over the packaged towers' 121M parameters took
+    1.0 s on one thread (a sixth of a full fine-tuning step), the fused kernel 0.11 s.
+    """
+    params = [p for g in groups for p in g["params"]]
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
+
+
 def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     """AdamW over the model's trainable parameters (see param_groups)."""
     groups = param_groups(model.named_parameters(), config.weight_decay)
     if not groups:
         raise ConfigError("the model has no trainable parameter; apply a TuningPlan first (lilt.apply_plan).")
-    return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas))
+    return adamw(groups, config.lr, tuple(config.betas))
 
 
 def lr_lambda(config: TrainConfig) -> Callable[[int], float]:

@@ -47,7 +47,7 @@ from .interpolation import choose_alpha, interpolate, trainable_state
 from .growth.grower import replay_growth
 from .hub import training_summary
 from .losses import clip_loss, siglip_loss, simclr_loss
-from .optim import lr_lambda, make_optimizer, param_groups
+from .optim import adamw, lr_lambda, make_optimizer, param_groups
 from .staged import Segment, grow_stage, needs_growth, stage_segments
 from .supervise import exit_with_parent
 
@@ -274,7 +274,7 @@ def warm_up_heads(model: torch.nn.Module, data: datasets.Dataset, config: TrainC
     heads = [(n, p) for n, p in model.named_parameters()
              if n.split(".")[0] in ("vision_proj", "text_proj") or n == "logit_scale"]
     groups = param_groups(heads, config.weight_decay)  # a text-tower swap keeps the vision head frozen
-    optimizer = torch.optim.AdamW(groups, lr=config.head_warmup_lr, betas=tuple(config.betas))
+    optimizer = adamw(groups, config.head_warmup_lr, tuple(config.betas))
     generator = torch.Generator().manual_seed(config.seed)
     batch = min(config.head_warmup_batch_size or config.batch_size, len(texts))
     losses = []

@@ -37,8 +37,11 @@ def test_a_growth_stage_inside_two_processes_matches_one_process(recipe: Path, t
     assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "two"), abs=1e-5)
     one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
     assert any(k.startswith("shared_encoder.") for k in one) and any(".inserted_blocks." in k for k in one)
-    # q/k of attention over a single pooled token get float-noise gradients that Adam scales up; they
-    # do not change any output, so they differ more than the rest between 1 and 2 processes.
+    # q/k of attention over a single pooled token change no output (a softmax over one key is 1): their
+    # gradients are float noise that Adam scales up, so only their v rows are compared; the rest must match.
+    for key in [k for k in one if k.startswith("shared_encoder.") and ".attn.qkv." in k]:
+        third = one[key].shape[0] // 3
+        one[key], two[key] = one[key][2 * third:], two[key][2 * third:]
     assert max_difference(one, two) < 1e-4
     config = json.loads((tmp_path / "two" / "model" / "lilt_config.json").read_text())
     assert [r["op"] for r in config["growth"]] == ["depth:text:1", "width:adapter:2", "shared:1:16",

@@ -216,3 +216,22 @@ def test_cpu_training_keeps_freed_memory_for_reuse_and_returns_it_after() -> Non
         held = _resident_mib()
         del block
         assert (_resident_mib() > held - mib / 2) == kept, mib
+
+
+def test_the_optimizer_is_torch_adamw_with_its_fused_kernel_on_a_cpu() -> None:
+    from lilt.optim import adamw
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(4))]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    fused = adamw([{"params": params, "weight_decay": 0.1}], 1e-2, (0.9, 0.999))
+    loop = torch.optim.AdamW([{"params": twins, "weight_decay": 0.1}], lr=1e-2, betas=(0.9, 0.999))
+    assert fused.param_groups[0]["fused"] and not loop.param_groups[0]["fused"]
+    for _ in range(3):
+        for a, b in zip(params, twins):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        fused.step()
+        loop.step()
+    for a, b in zip(params, twins):
+        torch.testing.assert_close(a, b)
