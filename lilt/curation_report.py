@@ -102,9 +102,15 @@ def plot_scores(scores: np.ndarray, kept: np.ndarray, noisy: np.ndarray | None, 
         ax.hist(scores[finite], bins=bins, color="tab:blue", label="pairs")
     cuts = {"cut": summary["cut"]} if summary["cut"] is not None else \
         {lang: v["cut"] for lang, v in summary["per_language"].items() if v["cut"] is not None}
-    for i, (name, value) in enumerate(list(cuts.items())[:8]):  # more lines than that would hide the bars
-        ax.axvline(value, color="black", linestyle="--" if i == 0 else ":", linewidth=1.2,
-                   label=f"{name} {value:.3f} (keep {summary['keep']:.0%})" if name == "cut" else f"cut {name}")
+    if len(cuts) <= 8:
+        for i, (name, value) in enumerate(cuts.items()):
+            ax.axvline(value, color="black", linestyle="--" if i == 0 else ":", linewidth=1.2,
+                       label=f"{name} {value:.3f} (keep {summary['keep']:.0%})" if name == "cut" else f"cut {name}")
+    else:  # a line per language would hide the bars: every cut as a tick along the top, their median as a line
+        ax.plot(list(cuts.values()), [0.97] * len(cuts), "|", color="black", markersize=12,
+                transform=ax.get_xaxis_transform(), label=f"per-language cuts ({len(cuts)} languages)")
+        ax.axvline(float(np.median(list(cuts.values()))), color="black", linestyle=":", linewidth=1.2,
+                   label="median per-language cut")
     ax.set_xlabel("image-text score (cosine)")
     ax.set_ylabel("pairs")
     ax.set_title(f"{summary['kept']} of {summary['pairs']} pairs kept")

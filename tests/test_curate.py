@@ -274,3 +274,14 @@ def test_unknown_scorer_and_misplaced_noise_are_one_line_errors(tmp_path: Path, 
         DataConfig.from_dict({"source": "x.parquet", "streaming": True, "curate": {"keep": 0.4}})
     parsed = DataConfig.from_dict({"curate": {"keep": 0.3, "per_lang": True}}).curate
     assert parsed == CurateConfig(keep=0.3, per_lang=True)
+
+
+def test_histogram_with_many_per_language_cuts_marks_each_as_a_tick(tmp_path: Path) -> None:
+    from lilt.curation_report import plot_scores
+
+    scores = np.linspace(-1, 1, 400)
+    langs = np.arange(400) % 40
+    per = {f"l{i}": {"cut": float(np.quantile(scores[langs == i], 0.6))} for i in range(40)}
+    summary = {"cut": None, "per_language": per, "keep": 0.4, "kept": 160, "pairs": 400}
+    path = plot_scores(scores, scores > 0.2, None, summary, tmp_path / "histogram.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"
