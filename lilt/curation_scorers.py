@@ -27,7 +27,7 @@ from ._io import atomic_path
 from .errors import ConfigError, DataError
 from .data.identity import image_ids, image_keys
 from .data.transforms import decode_image
-from .eval.retrieval import embed_images, embed_texts
+from .eval.retrieval import embed_distinct_images, embed_texts
 
 SCORERS_HELP = "'crossfit' (packaged towers + ridge maps fitted on the pairs themselves, by folds), 'frozen' " \
                "(packaged towers + a ridge map fitted on trusted pairs), 'model:DIR' (a trained lilt model), or " \
@@ -47,17 +47,11 @@ def fingerprint(data: datasets.Dataset) -> str:
 def embed_chunk_images(model: Any, chunk: datasets.Dataset, *, features: bool = False,
                        batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """A chunk's distinct images embedded once, and each row's slot among them (-1: unreadable image)."""
-    keys = image_keys(chunk)
-    first: dict[Any, int] = {}
-    unique_rows = [first.setdefault(k, row) for row, k in enumerate(keys) if k not in first]
     try:
-        images, kept, _ = embed_images(model, chunk.select(unique_rows), features=features, batch_size=batch_size)
+        images, row_image, _ = embed_distinct_images(model, chunk, features=features, batch_size=batch_size)
     except DataError:  # not one image of the chunk is readable: every row gets no image
         return torch.zeros(0, 1), torch.full((len(chunk),), -1, dtype=torch.long)
-    slot = torch.full((len(unique_rows),), -1, dtype=torch.long)
-    slot[kept] = torch.arange(len(kept))
-    position = {row: i for i, row in enumerate(unique_rows)}
-    return images, slot[[position[first[k]] for k in keys]]
+    return images, row_image
 
 
 class ModelScorer:

@@ -72,6 +72,21 @@ def embed_texts(model: Any, texts: Sequence[str], *, features: bool = False, bat
 
 
 @torch.inference_mode()
+def embed_distinct_images(model: Any, data: datasets.Dataset, *, features: bool = False, batch_size: int = 256,
+                          num_workers: int = 0, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Each distinct image of a table embedded once: (embeddings of the readable ones, each row's slot among
+    them (-1: unreadable), what could not be read)."""
+    keys = image_keys(data)
+    first: dict[Any, int] = {}
+    unique_rows = [first.setdefault(k, row) for row, k in enumerate(keys) if k not in first]
+    images, kept, skipped = embed_images(model, data.select(unique_rows), features=features, batch_size=batch_size,
+                                         num_workers=num_workers, progress=progress)
+    slot = torch.full((len(unique_rows),), -1, dtype=torch.long)
+    slot[kept] = torch.arange(len(kept))
+    position = {row: i for i, row in enumerate(unique_rows)}
+    return images, slot[[position[first[k]] for k in keys]], skipped
+
+
 def embed_pairs(model: Any, data: datasets.Dataset, *, features: bool = False, batch_size: int = 256,
                 num_workers: int = 0, progress: bool = False) -> EmbeddedPairs:
     """Embed each distinct image and every caption; `features=True` gives the towers' pooled features instead.
@@ -83,20 +98,9 @@ def embed_pairs(model: Any, data: datasets.Dataset, *, features: bool = False, b
                         "without streaming, or convert webdataset shards with datasets.Dataset.from_generator.")
     was_training = model.training
     model.eval()
-    keys = image_keys(data)
-    first: dict[Any, int] = {}
-    unique_rows = []
-    for row, key in enumerate(keys):
-        if key not in first:
-            first[key] = len(unique_rows)
-            unique_rows.append(row)
-    text_image = torch.tensor([first[k] for k in keys])
-    images_t, kept, skipped = embed_images(model, data.select(unique_rows), features=features,
-                                           batch_size=batch_size, num_workers=num_workers, progress=progress)
     # Images that could not be read take their captions out of the evaluation (reported in `skipped`).
-    remap = torch.full((len(unique_rows),), -1, dtype=torch.long)
-    remap[kept] = torch.arange(len(images_t))
-    text_image = remap[text_image]
+    images_t, text_image, skipped = embed_distinct_images(model, data, features=features, batch_size=batch_size,
+                                                          num_workers=num_workers, progress=progress)
     if "text" not in data.column_names:  # images only (`lilt embed --what image` on a table without captions)
         model.train(was_training)
         return EmbeddedPairs(images_t, images_t[:0], text_image[:0], None, skipped)
