@@ -33,9 +33,15 @@ def _median(runs: list[dict[str, Any]], *path: str) -> float | None:
     return statistics.median(values) if values else None
 
 
-def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+def memory_key(meta: dict[str, Any]) -> str:
+    """The peak memory a run is judged by: the GPU's peak allocation on CUDA (host RSS there is the
+    interpreter and CUDA's libraries, not the training), the process's peak RSS on CPU."""
+    return "cuda_peak_mib" if str(meta.get("device", "cpu")).startswith("cuda") else "peak_rss_mib"
+
+
+def summarize(runs: list[dict[str, Any]], memory: str = "peak_rss_mib") -> dict[str, Any]:
     """Per config and builder: medians over rounds (samples/s, split, no-grad, RSS) and each round's samples/s;
-    then the ratios the checks read."""
+    then the ratios the checks read (`rss_vs_full` compares the `memory` peaks)."""
     grouped: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for run in runs:
         grouped.setdefault(run["config"], {}).setdefault(run["builder"], []).append(run)
@@ -58,7 +64,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         lilt, oc = row.get("lilt", {}), row.get("open_clip", {})
         row["vs_open_clip"] = _ratio(lilt.get("samples_per_s"), oc.get("samples_per_s"))
         row["vs_full"] = _ratio(lilt.get("samples_per_s"), full.get("samples_per_s"))
-        row["rss_vs_full"] = _ratio(lilt.get("peak_rss_mib"), full.get("peak_rss_mib"))
+        row["rss_vs_full"] = _ratio(lilt.get(memory), full.get(memory))
         if config.startswith("e2e-"):
             row["vs_open_clip_e2e"] = _ratio(lilt.get("samples_per_s"), reference.get("samples_per_s"))
     return rows
@@ -68,10 +74,12 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-def checks(rows: dict[str, Any]) -> list[dict[str, Any]]:
+def checks(rows: dict[str, Any], memory: str = "peak_rss_mib") -> list[dict[str, Any]]:
     """Each acceptance bound with the measured ratio and pass/fail (None: not measured in this run)."""
     out = []
     for what, row, kind, bound, at_least in CHECKS:
+        if memory == "cuda_peak_mib":
+            what = what.replace("peak RSS", "peak GPU memory")
         value = rows.get(row, {}).get(kind)
         ok = None if value is None else (value >= bound if at_least else value <= bound)
         out.append({"check": what, "value": value, "bound": f"{'>=' if at_least else '<='} {bound}x", "pass": ok})
@@ -92,13 +100,16 @@ def _rounds(run: dict[str, Any]) -> str:
 def markdown(meta: dict[str, Any], rows: dict[str, Any], results: list[dict[str, Any]]) -> str:
     """The report: step rows, the split, end-to-end rows, the checks, and what open_clip needed by hand."""
     versions = ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items())
+    memory = memory_key(meta)
+    peak = "peak GPU MiB" if memory == "cuda_peak_mib" else "peak RSS MiB"
     lines = [f"# lilt vs open_clip: training speed ({meta['device_name']})", "",
              f"{meta['vision']} + {meta['text']}; fp32, batch {meta['batch_size']}, {meta['image_size']} px, "
              f"{meta['tokens']} tokens; {meta['steps']} timed steps after {meta['warmup']} warm-up, "
              f"{meta['rounds']} interleaved rounds, each run a fresh process; medians over rounds. {versions}."
-             + (" **Smoke run on tiny towers: these numbers measure nothing.**" if meta.get("smoke") else ""), "",
+             + (" **Smoke run on tiny towers: these numbers measure nothing.**" if meta.get("smoke") else "")
+             + (f" {meta['note']}." if meta.get("note") else ""), "",
              "| config | % trainable (lilt / open_clip) | open_clip samples/s | lilt samples/s (rounds) | "
-             "lilt/open_clip | lilt/lilt-full | lilt peak RSS MiB (/ full) |", "|---|---:|---:|---:|---:|---:|---:|"]
+             f"lilt/open_clip | lilt/lilt-full | lilt {peak} (/ full) |", "|---|---:|---:|---:|---:|---:|---:|"]
     step_rows = [c for c in rows if not c.startswith("e2e-")]
     for config in step_rows:
         row = rows[config]
@@ -106,11 +117,11 @@ def markdown(meta: dict[str, Any], rows: dict[str, Any], results: list[dict[str,
         lines.append(f"| {config} | {_f(lilt.get('percent'), 3)} / {_f(oc.get('percent'), 3)} | "
                      f"{_f(oc.get('samples_per_s'))} | {_rounds(lilt)} | "
                      f"{_f(row['vs_open_clip'], 2, 'x')} | {_f(row['vs_full'], 2, 'x')} | "
-                     f"{_f(lilt.get('peak_rss_mib'), 0)} ({_f(row['rss_vs_full'], 2)}) |")
+                     f"{_f(lilt.get(memory), 0)} ({_f(row['rss_vs_full'], 2)}) |")
     lines += ["", "Where the time goes (median seconds per step: forward+loss / backward / optimizer) and the no-grad "
               "forward (eval mode, both towers, samples/s):", "",
               "| config | open_clip fwd / bwd / opt s | lilt fwd / bwd / opt s | open_clip no-grad | lilt no-grad | "
-              "open_clip peak RSS MiB |", "|---|---:|---:|---:|---:|---:|"]
+              f"open_clip {peak} |", "|---|---:|---:|---:|---:|---:|"]
     for config in step_rows:
         row = rows[config]
         split = {b: " / ".join(_f(row[b]["split_s"].get(k), 3) for k in ("forward", "backward", "optimizer"))
@@ -118,7 +129,7 @@ def markdown(meta: dict[str, Any], rows: dict[str, Any], results: list[dict[str,
         lines.append(f"| {config} | {split['open_clip']} | {split['lilt']} | "
                      f"{_f(row.get('open_clip', {}).get('nograd_samples_per_s'))} | "
                      f"{_f(row.get('lilt', {}).get('nograd_samples_per_s'))} | "
-                     f"{_f(row.get('open_clip', {}).get('peak_rss_mib'), 0)} |")
+                     f"{_f(row.get('open_clip', {}).get(memory), 0)} |")
     e2e = [c for c in rows if c.startswith("e2e-")]
     if e2e:
         lines += ["", f"End to end: {meta['epochs']} epochs over {meta.get('pairs', '?')} builtin:emoji-cldr pairs "
@@ -170,8 +181,8 @@ def plot(meta: dict[str, Any], rows: dict[str, Any], file: Path) -> None:
 def report(stem: Path) -> str:
     """Read STEM.json (meta and raw runs), write the summary into it, STEM.md and STEM.png; return the Markdown."""
     data = json.loads(stem.with_suffix(".json").read_text())
-    rows = summarize(data["runs"])
-    results = checks(rows)
+    rows = summarize(data["runs"], memory_key(data["meta"]))
+    results = checks(rows, memory_key(data["meta"]))
     data.update(summary=rows, checks=results)
     stem.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
     text = markdown(data["meta"], rows, results)

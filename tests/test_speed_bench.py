@@ -95,6 +95,21 @@ def test_report_medians_ratios_and_checks(tmp_path: Path) -> None:
     assert stem.with_suffix(".md").read_text() == text and stem.with_suffix(".png").stat().st_size > 1000
 
 
+def test_cuda_report_judges_memory_by_the_gpu_peak(tmp_path: Path) -> None:
+    """On CUDA the memory column and checks read the GPU's peak allocation, not the interpreter's host RSS."""
+    runs = [{**_run("full", "lilt", 0, 10.0, 2000), "cuda_peak_mib": 10000.0},
+            {**_run("lwa", "lilt", 0, 10.0, 2000), "cuda_peak_mib": 4000.0}]
+    meta = {"device_name": "GPU test", "device": "cuda", "vision": "v", "text": "t", "batch_size": 128,
+            "image_size": 224, "tokens": 32, "steps": 10, "warmup": 2, "rounds": 1, "epochs": 5, "num_workers": 2,
+            "note": "round 2 cut short"}
+    stem = tmp_path / "speed_cuda"
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "runs": runs}))
+    text = report(stem)
+    assert "lilt peak GPU MiB (/ full)" in text and "round 2 cut short." in text
+    assert "| lwa | 1.000 / - | - | 10.0 (10.0) | - | 1.00x | 4000 (0.40) |" in text
+    assert "| lwa peak GPU memory vs lilt full | 0.40x | <= 0.5x | pass |" in text
+
+
 def test_configs_and_rounds_interleave() -> None:
     assert speed.plan_runs(["full", "lwa", "e2e-heads-cache", "e2e-open_clip-heads"], open_clip=True) == [
         ("full", "open_clip"), ("full", "lilt"), ("lwa", "lilt"), ("e2e-heads-cache", "lilt"),
