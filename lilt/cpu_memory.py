@@ -6,7 +6,10 @@ zeroes again. Profiled on the packaged towers (batch 32, one thread), that is a 
 CPU time and more than its weight-gradient arithmetic saves: lwa 5.0 -> 2.6 s, full 7.3 -> 4.9 s per
 step with the heap kept (peak RSS +9% and +14%: a kept heap fragments). PyTorch's CPU tuning guide
 suggests jemalloc or tcmalloc for the same reason; this needs neither: two `mallopt` settings for the
-duration of training, undone after it.
+duration of training, undone after it. Setting any of them switches off glibc's dynamic mmap threshold for
+the rest of the process, so what comes back after training is where that threshold settles once large
+blocks have been freed (mmap at 32 MiB and above, trim above 64 MiB), not the 128 KB start it could no
+longer leave: evaluation after training would otherwise map and fault in every activation again.
 """
 
 from __future__ import annotations
@@ -16,9 +19,10 @@ import ctypes
 import sys
 from typing import Any, Iterator
 
-# <malloc.h>: mallopt parameters and glibc's defaults for the two that are changed.
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-_DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 65536
+# <malloc.h>: mallopt parameters; glibc's mmap count default and the dynamic threshold's 64-bit ceiling
+# (DEFAULT_MMAP_THRESHOLD_MAX; the dynamic trim threshold follows at twice the mmap threshold).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
+_DEFAULT_MMAP_MAX, SETTLED_MMAP_THRESHOLD = 65536, 32 * 2**20
 
 
 def _glibc() -> Any:
@@ -36,7 +40,8 @@ def _glibc() -> Any:
 @contextlib.contextmanager
 def reuse_freed_memory(enabled: bool = True) -> Iterator[bool]:
     """Within the block, malloc keeps freed memory for reuse (no mmap per tensor, no trimming); yields whether
-    it could. On exit glibc's defaults come back and the kept memory is returned to the system."""
+    it could. On exit large blocks are mapped again (glibc's settled thresholds) and the kept memory goes
+    back to the system."""
     libc = _glibc() if enabled else None
     if libc is None:
         yield False
@@ -48,7 +53,8 @@ def reuse_freed_memory(enabled: bool = True) -> Iterator[bool]:
         yield True
     finally:
         libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
-        libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+        libc.mallopt(_M_MMAP_THRESHOLD, SETTLED_MMAP_THRESHOLD)
+        libc.mallopt(_M_TRIM_THRESHOLD, 2 * SETTLED_MMAP_THRESHOLD)
         libc.malloc_trim(0)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import ctypes
 import json
 import os
 import signal
@@ -209,6 +210,42 @@ def test_cpu_training_keeps_freed_memory_for_reuse_and_returns_it_after() -> Non
         del block
         assert _resident_mib() > held - 16  # freed, but kept: the next step reuses these pages
     assert _resident_mib() < held - 48  # after training the memory goes back to the system
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings exist on Linux only")
+def test_after_training_malloc_maps_only_blocks_above_the_settled_threshold() -> None:
+    """Training's mallopt calls switch glibc's dynamic mmap threshold off for good; what is restored is where it
+    settles (32 MiB), so later evaluation does not map and fault in every activation over 128 KB."""
+    from lilt.cpu_memory import SETTLED_MMAP_THRESHOLD, reuse_freed_memory
+
+    libc = ctypes.CDLL(None)
+    if not hasattr(libc, "mallinfo2"):
+        pytest.skip("this C library has no mallinfo2 (glibc >= 2.33)")
+    libc.mallinfo2.restype = _MallInfo2
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD at glibc's start, as in a process that freed no large block
+    assert mapped_by_malloc(libc, 4 * 2**20) > 0
+    with reuse_freed_memory():
+        pass
+    assert mapped_by_malloc(libc, 4 * 2**20) == 0  # 4 MiB: from the heap, reused step after step
+    assert mapped_by_malloc(libc, SETTLED_MMAP_THRESHOLD // 2) == 0
+    assert mapped_by_malloc(libc, 2 * SETTLED_MMAP_THRESHOLD) >= 2 * SETTLED_MMAP_THRESHOLD  # its own mapping
+
+
+def mapped_by_malloc(libc: ctypes.CDLL, size: int) -> int:
+    """Bytes malloc(size) adds to glibc's mmapped blocks (mallinfo2's hblkhd): 0 when the heap serves it."""
+    before = libc.mallinfo2().hblkhd
+    block = libc.malloc(size)
+    try:
+        return libc.mallinfo2().hblkhd - before
+    finally:
+        libc.free(block)
 
 
 def test_the_optimizer_is_torch_adamw_with_its_fused_kernel_on_a_cpu() -> None:
