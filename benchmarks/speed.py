@@ -14,6 +14,8 @@ configurations and builders interleaved round by round; the tables give medians 
     pip install 'lilt[bench]'                     # open-clip-torch; without it only lilt is measured
     python benchmarks/speed.py --threads 2        # CPU: benchmarks/results/speed_cpu.{json,md,png}
     python benchmarks/speed.py --device cuda      # GPU: speed_cuda.*
+    python benchmarks/speed.py --configs e2e-heads-cache --pairs pairs   # prepares the pairs table in pairs/;
+                                                  # carried elsewhere, --pairs pairs runs there without the fonts
 """
 
 from __future__ import annotations
@@ -90,6 +92,16 @@ def prepare_pairs(folder: Path, max_pairs: int | None, seed: int = 0) -> int:
     return len(table)
 
 
+def pairs_table(folder: Path, max_pairs: int | None) -> int:
+    """The end-to-end rows' pairs in `folder`: read when it holds a table (one prepared elsewhere and carried to a
+    machine without builtin:emoji-cldr's fonts), else prepared there; returns the number of pairs."""
+    if (folder / "dataset_info.json").is_file():
+        from datasets import load_from_disk
+
+        return len(load_from_disk(str(folder)))
+    return prepare_pairs(folder, max_pairs)
+
+
 def child(spec: Spec) -> dict[str, Any]:
     """Run one measurement in a fresh interpreter pinned to `threads` threads; its result."""
     env = {**os.environ, "OMP_NUM_THREADS": str(spec.threads), "MKL_NUM_THREADS": str(spec.threads),
@@ -130,6 +142,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tokens", type=int, default=32, help="tokens per caption")
     parser.add_argument("--num-workers", type=int, default=2, help="DataLoader workers of the end-to-end rows")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--pairs", type=Path, help="folder of the end-to-end rows' pairs (a save_to_disk table): "
+                        "read if it holds one, else prepared there from builtin:emoji-cldr (default: a temporary one)")
     parser.add_argument("--vision", default=lilt.config.DEFAULT_VISION)
     parser.add_argument("--text", default=lilt.config.DEFAULT_TEXT)
     parser.add_argument("--quick", action="store_true", help="a look, not a measurement: 3 steps, 1 warm-up, 2 epochs")
@@ -173,8 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[dict[str, Any]] = []
     began = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lilt-speed-pairs-") as tmp:
+        pairs = args.pairs or Path(tmp) / "pairs"
         if any(c in E2E for c in configs):
-            meta["pairs"] = prepare_pairs(Path(tmp) / "pairs", 64 if args.smoke_towers else None)
+            meta["pairs"] = pairs_table(pairs, 64 if args.smoke_towers else None)
         for round_index in range(args.rounds):
             # Builders alternate who goes first, so drift over a round does not favour one.
             order = runs_per_round if round_index % 2 == 0 else [
@@ -183,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                 spec = Spec(config=config, builder=builder, vision=args.vision, text=args.text,
                             image_size=args.image_size, tokens=args.tokens, batch_size=args.batch_size,
                             steps=args.steps, warmup=args.warmup, threads=args.threads, device=args.device,
-                            embed_dim=16 if args.smoke_towers else 256, data=str(Path(tmp) / "pairs"),
+                            embed_dim=16 if args.smoke_towers else 256, data=str(pairs),
                             pairs=meta.get("pairs", 0), epochs=args.epochs, num_workers=args.num_workers)
                 start = time.perf_counter()
                 result = child(spec)

@@ -122,6 +122,18 @@ def test_configs_and_rounds_interleave() -> None:
         speed.parse(["--smoke-towers", "a", "b"])
 
 
+def test_a_prepared_pairs_table_is_read_not_rebuilt(tmp_path: Path, monkeypatch) -> None:
+    """--pairs DIR holding a table (carried to a machine without the emoji fonts) is used as it is."""
+    from datasets import Dataset
+
+    Dataset.from_dict({"image": [b"x"] * 3, "text": ["a", "b", "c"], "lang": ["en"] * 3}).save_to_disk(
+        str(tmp_path / "pairs"))
+    monkeypatch.setattr(speed, "prepare_pairs", lambda *a: pytest.fail("prepared again"))
+    assert speed.pairs_table(tmp_path / "pairs", None) == 3
+    monkeypatch.setattr(speed, "prepare_pairs", lambda folder, max_pairs: 7)
+    assert speed.pairs_table(tmp_path / "absent", 64) == 7
+
+
 def _smoke(tiny_dirs: dict[str, Path], results: Path, configs: str) -> list[str]:
     return ["--smoke-towers", str(tiny_dirs["cnn"]), str(tiny_dirs["bert"]), "--results", str(results),
             "--configs", configs, "--rounds", "2", "--steps", "1", "--warmup", "1", "--epochs", "1", "--threads", "1",
