@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from ._io import atomic_path, lilt_home
 from .config import DataConfig, TrainConfig
+from .cpu_memory import keeps_freed_memory
 from .data.identity import image_ids, image_keys
 from .data.transforms import _seeded, decode_image, describe, image_transform
 from .errors import ConfigError
@@ -231,6 +232,7 @@ def _image_width(model: torch.nn.Module) -> int:
         model.train(was_training)
 
 
+@keeps_freed_memory
 def _fill(model: torch.nn.Module, data: datasets.Dataset, config: TrainConfig, data_config: DataConfig,
           ids: Any, captions: list[str], views: int, meta: dict[str, str], path: Path, progress: bool) -> None:
     """Compute every image view's and caption's pooled features (eval mode, no gradient) and write them."""

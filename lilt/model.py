@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint
 from .config import DEFAULT_TEXT, DEFAULT_VISION, ModelConfig, TextConfig, VisionConfig
+from .cpu_memory import keeps_freed_memory
 from .errors import BackboneMismatchError, DataError
 from .plan import PlanState
 from .towers.text import TextTower
@@ -181,6 +182,7 @@ class DualEncoder(nn.Module):
             out.parallel_target = self.encode_text(_side(parallel, "target"))
         return out
 
+    @keeps_freed_memory
     @torch.inference_mode()
     def embed_images(self, images: Sequence[Any], batch_size: int = 64, progress: bool = False) -> torch.Tensor:
         """Normalized embeddings of PIL images, in batches, without gradients (the vision tower in eval mode)."""
@@ -197,6 +199,7 @@ class DualEncoder(nn.Module):
             self.vision.train(was_training)
         return torch.cat(chunks) if chunks else torch.empty(0, self.config.embed_dim)
 
+    @keeps_freed_memory
     @torch.inference_mode()
     def embed_texts(self, texts: Sequence[str], batch_size: int = 256, progress: bool = False) -> torch.Tensor:
         """Normalized embeddings of captions, in batches, without gradients."""

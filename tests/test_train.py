@@ -248,6 +248,44 @@ def mapped_by_malloc(libc: ctypes.CDLL, size: int) -> int:
         libc.free(block)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings exist on Linux only")
+def test_nested_reuse_keeps_the_outer_settings_and_embedding_passes_reuse(monkeypatch) -> None:
+    """A validation pass inside training must not hand training's kept memory back; embedding passes over a
+    table (evaluation, frozen features) keep freed memory too, unless LILT_REUSE_CPU_MEMORY=0."""
+    from lilt import cpu_memory
+    from lilt.eval.retrieval import embed_texts
+
+    libc = ctypes.CDLL(None)
+    if not hasattr(libc, "mallinfo2"):
+        pytest.skip("this C library has no mallinfo2 (glibc >= 2.33)")
+    libc.mallinfo2.restype = _MallInfo2
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    big = 4 * cpu_memory.SETTLED_MMAP_THRESHOLD
+    with cpu_memory.reuse_freed_memory():
+        with cpu_memory.reuse_freed_memory():
+            assert cpu_memory.reusing()
+        assert cpu_memory.reusing() and mapped_by_malloc(libc, big) == 0  # still training's settings
+    assert not cpu_memory.reusing() and mapped_by_malloc(libc, big) >= big
+
+    seen = []
+
+    class Model:
+        device = torch.device("cpu")
+
+        def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+            return {"input_ids": torch.ones(len(texts), 2, dtype=torch.long)}
+
+        def encode_text(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+            seen.append(cpu_memory.reusing())
+            return torch.ones(len(tokens["input_ids"]), 4)
+
+    assert embed_texts(Model(), ["a", "b"]).shape == (2, 4) and seen == [True]
+    monkeypatch.setenv("LILT_REUSE_CPU_MEMORY", "0")
+    embed_texts(Model(), ["a"])
+    assert seen == [True, False]
+
+
 def test_the_optimizer_is_torch_adamw_with_its_fused_kernel_on_a_cpu() -> None:
     from lilt.optim import adamw
 

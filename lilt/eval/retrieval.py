@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..cpu_memory import keeps_freed_memory
 from ..errors import DataError
 from ..finite import check_finite
 from ..data.identity import image_keys
@@ -35,6 +36,7 @@ class EmbeddedPairs:
     skipped: list[str]
 
 
+@keeps_freed_memory
 @torch.inference_mode()
 def embed_images(model: Any, data: datasets.Dataset, *, features: bool = False, batch_size: int = 256,
                  num_workers: int = 0, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -53,6 +55,7 @@ def embed_images(model: Any, data: datasets.Dataset, *, features: bool = False, 
     return check_finite(torch.cat(images), "image embeddings"), torch.cat(kept), skipped
 
 
+@keeps_freed_memory
 @torch.inference_mode()
 def embed_texts(model: Any, texts: Sequence[str], *, features: bool = False, batch_size: int = 256,
                 progress: bool = False) -> torch.Tensor:

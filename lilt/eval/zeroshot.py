@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..configbase import read_mapping
+from ..cpu_memory import keeps_freed_memory
 from ..errors import ConfigError, DataError
 from ..data.loader import pair_loader
 from ..data.transforms import PairCollator
@@ -82,6 +83,7 @@ def _restore(model: Any, was_training: bool) -> None:
         model.train(was_training)
 
 
+@keeps_freed_memory
 @torch.inference_mode()
 def class_embeddings(model: Any, classnames: Sequence[str], templates: Sequence[str],
                      batch_size: int = 256) -> torch.Tensor:
@@ -106,6 +108,7 @@ def class_embeddings(model: Any, classnames: Sequence[str], templates: Sequence[
     return F.normalize(mean, dim=-1)
 
 
+@keeps_freed_memory
 @torch.inference_mode()
 def embed_images(model: Any, data: datasets.Dataset, image_column: str = "image", batch_size: int = 256,
                  num_workers: int = 0) -> torch.Tensor:
