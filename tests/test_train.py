@@ -223,12 +223,7 @@ def test_after_training_malloc_maps_only_blocks_above_the_settled_threshold() ->
     settles (32 MiB), so later evaluation does not map and fault in every activation over 128 KB."""
     from lilt.cpu_memory import SETTLED_MMAP_THRESHOLD, reuse_freed_memory
 
-    libc = ctypes.CDLL(None)
-    if not hasattr(libc, "mallinfo2"):
-        pytest.skip("this C library has no mallinfo2 (glibc >= 2.33)")
-    libc.mallinfo2.restype = _MallInfo2
-    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
-    libc.free.argtypes = [ctypes.c_void_p]
+    libc = _glibc_with_mallinfo2()
     libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD at glibc's start, as in a process that freed no large block
     assert mapped_by_malloc(libc, 4 * 2**20) > 0
     with reuse_freed_memory():
@@ -236,6 +231,17 @@ def test_after_training_malloc_maps_only_blocks_above_the_settled_threshold() ->
     assert mapped_by_malloc(libc, 4 * 2**20) == 0  # 4 MiB: from the heap, reused step after step
     assert mapped_by_malloc(libc, SETTLED_MMAP_THRESHOLD // 2) == 0
     assert mapped_by_malloc(libc, 2 * SETTLED_MMAP_THRESHOLD) >= 2 * SETTLED_MMAP_THRESHOLD  # its own mapping
+
+
+def _glibc_with_mallinfo2() -> ctypes.CDLL:
+    """The process's C library with malloc, free and mallinfo2 typed (skips where there is no mallinfo2)."""
+    libc = ctypes.CDLL(None)
+    if not hasattr(libc, "mallinfo2"):
+        pytest.skip("this C library has no mallinfo2 (glibc >= 2.33)")
+    libc.mallinfo2.restype = _MallInfo2
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    return libc
 
 
 def mapped_by_malloc(libc: ctypes.CDLL, size: int) -> int:
@@ -255,12 +261,7 @@ def test_nested_reuse_keeps_the_outer_settings_and_embedding_passes_reuse(monkey
     from lilt import cpu_memory
     from lilt.eval.retrieval import embed_texts
 
-    libc = ctypes.CDLL(None)
-    if not hasattr(libc, "mallinfo2"):
-        pytest.skip("this C library has no mallinfo2 (glibc >= 2.33)")
-    libc.mallinfo2.restype = _MallInfo2
-    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
-    libc.free.argtypes = [ctypes.c_void_p]
+    libc = _glibc_with_mallinfo2()
     big = 4 * cpu_memory.SETTLED_MMAP_THRESHOLD
     with cpu_memory.reuse_freed_memory():
         with cpu_memory.reuse_freed_memory():
