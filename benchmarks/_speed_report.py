@@ -13,8 +13,8 @@ CHECKS = (
     *((f"{p} vs lilt full", p, "vs_full", 1.6, True) for p in ("lwa", "lora", "bitfit")),
     *((f"{p} end to end vs open_clip heads-only end to end", p, "vs_open_clip_e2e", 5.0, True)
       for p in ("e2e-heads-cache", "e2e-deep-cache")),
-    *((f"{p} peak RSS vs lilt full", p, "rss_vs_full", 0.5, False) for p in ("lwa", "layernorm")),
-    *((f"{p} (gradient checkpointing) peak RSS vs lilt full", p, "rss_vs_full", 0.5, False)
+    *((f"{p} peak RSS vs lilt full", p, "memory_vs_full", 0.5, False) for p in ("lwa", "layernorm")),
+    *((f"{p} (gradient checkpointing) peak RSS vs lilt full", p, "memory_vs_full", 0.5, False)
       for p in ("lwa-ckpt", "layernorm-ckpt")),
     *((f"{p} vs open_clip's same set", p, "vs_open_clip", 1.0, True)
       for p in ("full", "lock-image", "text-ln", "heads")),
@@ -41,7 +41,7 @@ def memory_key(meta: dict[str, Any]) -> str:
 
 def summarize(runs: list[dict[str, Any]], memory: str = "peak_rss_mib") -> dict[str, Any]:
     """Per config and builder: medians over rounds (samples/s, split, no-grad, RSS) and each round's samples/s;
-    then the ratios the checks read (`rss_vs_full` compares the `memory` peaks)."""
+    then the ratios the checks read (`memory_vs_full` compares the `memory` peaks: RSS on CPU, GPU on CUDA)."""
     grouped: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for run in runs:
         grouped.setdefault(run["config"], {}).setdefault(run["builder"], []).append(run)
@@ -64,7 +64,7 @@ def summarize(runs: list[dict[str, Any]], memory: str = "peak_rss_mib") -> dict[
         lilt, oc = row.get("lilt", {}), row.get("open_clip", {})
         row["vs_open_clip"] = _ratio(lilt.get("samples_per_s"), oc.get("samples_per_s"))
         row["vs_full"] = _ratio(lilt.get("samples_per_s"), full.get("samples_per_s"))
-        row["rss_vs_full"] = _ratio(lilt.get(memory), full.get(memory))
+        row["memory_vs_full"] = _ratio(lilt.get(memory), full.get(memory))
         if config.startswith("e2e-"):
             row["vs_open_clip_e2e"] = _ratio(lilt.get("samples_per_s"), reference.get("samples_per_s"))
     return rows
@@ -117,7 +117,7 @@ def markdown(meta: dict[str, Any], rows: dict[str, Any], results: list[dict[str,
         lines.append(f"| {config} | {_f(lilt.get('percent'), 3)} / {_f(oc.get('percent'), 3)} | "
                      f"{_f(oc.get('samples_per_s'))} | {_rounds(lilt)} | "
                      f"{_f(row['vs_open_clip'], 2, 'x')} | {_f(row['vs_full'], 2, 'x')} | "
-                     f"{_f(lilt.get(memory), 0)} ({_f(row['rss_vs_full'], 2)}) |")
+                     f"{_f(lilt.get(memory), 0)} ({_f(row['memory_vs_full'], 2)}) |")
     lines += ["", "Where the time goes (median seconds per step: forward+loss / backward / optimizer) and the no-grad "
               "forward (eval mode, both towers, samples/s):", "",
               "| config | open_clip fwd / bwd / opt s | lilt fwd / bwd / opt s | open_clip no-grad | lilt no-grad | "
@@ -181,8 +181,9 @@ def plot(meta: dict[str, Any], rows: dict[str, Any], file: Path) -> None:
 def report(stem: Path) -> str:
     """Read STEM.json (meta and raw runs), write the summary into it, STEM.md and STEM.png; return the Markdown."""
     data = json.loads(stem.with_suffix(".json").read_text())
-    rows = summarize(data["runs"], memory_key(data["meta"]))
-    results = checks(rows, memory_key(data["meta"]))
+    memory = memory_key(data["meta"])
+    rows = summarize(data["runs"], memory)
+    results = checks(rows, memory)
     data.update(summary=rows, checks=results)
     stem.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
     text = markdown(data["meta"], rows, results)

@@ -99,6 +99,10 @@ def pairs_table(folder: Path, max_pairs: int | None) -> int:
         from datasets import load_from_disk
 
         return len(load_from_disk(str(folder)))
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise SystemExit(f"speed.py: --pairs {folder} is not a pairs table (no dataset_info.json) and is not an "
+                         f"empty folder; give a new or empty folder to prepare the table in, or one prepared "
+                         f"earlier by --pairs.")
     return prepare_pairs(folder, max_pairs)
 
 

@@ -134,6 +134,21 @@ def test_a_prepared_pairs_table_is_read_not_rebuilt(tmp_path: Path, monkeypatch)
     assert speed.pairs_table(tmp_path / "absent", 64) == 7
 
 
+def test_pairs_that_are_not_a_table_get_a_one_line_error(tmp_path: Path, monkeypatch) -> None:
+    """--pairs naming a file, or a folder holding something else, is refused before anything is written."""
+    monkeypatch.setattr(speed, "prepare_pairs", lambda *a: pytest.fail("would write into it"))
+    (tmp_path / "pairs.csv").write_text("image,text\n")
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "cat.jpg").write_bytes(b"x")
+    for bad in (tmp_path / "pairs.csv", tmp_path / "photos"):
+        with pytest.raises(SystemExit, match="is not a pairs table"):
+            speed.pairs_table(bad, None)
+    assert (tmp_path / "pairs.csv").read_text() == "image,text\n"
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setattr(speed, "prepare_pairs", lambda folder, max_pairs: 5)
+    assert speed.pairs_table(tmp_path / "empty", None) == 5
+
+
 def _smoke(tiny_dirs: dict[str, Path], results: Path, configs: str) -> list[str]:
     return ["--smoke-towers", str(tiny_dirs["cnn"]), str(tiny_dirs["bert"]), "--results", str(results),
             "--configs", configs, "--rounds", "2", "--steps", "1", "--warmup", "1", "--epochs", "1", "--threads", "1",
