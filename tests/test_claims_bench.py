@@ -39,7 +39,7 @@ def test_mean_and_range_over_seeds_and_the_report(tmp_path: Path) -> None:
     assert (s["mean"], s["min"], s["max"], s["n"]) == (23.0, 20.0, 26.0, 3)
     assert claims.fmt(s) == "23.0 (20.0-26.0)" and claims.fmt(summary["ridge"]["test"]["en"]["i2t"]) == "21.0"
     text = claims.report(tmp_path, quick=False, results=tmp_path)
-    assert "| lwa | 1.90 | 23.0 (20.0-26.0) |" in text
+    assert "| lwa | 1.90 | 3 | 23.0 (20.0-26.0) |" in text and "| ridge | 1.90 | 1 | 21.0 |" in text
     assert (tmp_path / "claims.json").is_file() and (tmp_path / "claims.png").is_file()
 
 
@@ -52,7 +52,7 @@ def test_each_plan_takes_its_best_validation_lr(tmp_path: Path) -> None:
 
 def test_rows_are_selected_by_name_or_group_lr_rows_first() -> None:
     chosen = [r.name for r in claims.select("lwa,lr", quick=False)]
-    assert chosen[-1] == "lwa" and all(n.startswith("lr-") for n in chosen[:-1]) and len(chosen) == 22
+    assert chosen[-1] == "lwa" and all(n.startswith("lr-") for n in chosen[:-1]) and len(chosen) == 26
     assert [r.name for r in claims.select(None, quick=True)] == ["ridge", "heads", "lwa", "lwa+parallel"]
     with pytest.raises(SystemExit, match="unknown rows or groups \\['lwaa'\\]"):
         claims.select("lwaa", quick=False)
