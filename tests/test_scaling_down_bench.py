@@ -48,9 +48,9 @@ def test_every_row_is_a_valid_demo_recipe_and_listed_once(capsys) -> None:
 
 def test_rows_by_name_or_group_lr_rows_first_and_the_quick_set() -> None:
     chosen = [r.name for r in scaling.select("size,lr", quick=False)]
-    grid = (("lwa", (3e-4, 1e-3, 3e-3)), ("layernorm", (1e-3, 3e-3, 1e-2)))
-    assert chosen[:6] == [f"lr-{p}-{lr:g}" for p, lrs in grid for lr in lrs]
-    assert chosen[6:] == ["lwa-25", "lwa-50", "layernorm-25", "layernorm-50", "layernorm"]
+    grid = (("lwa", (3e-4, 1e-3, 3e-3)), ("layernorm", (3e-4, 1e-3, 3e-3, 1e-2)))  # claims.py's grid, shared
+    assert chosen[:7] == [f"lr-{p}-{lr:g}" for p, lrs in grid for lr in lrs]
+    assert chosen[7:] == ["lwa-25", "lwa-50", "layernorm-25", "layernorm-50", "layernorm"]
     assert [r.name for r in scaling.select(None, quick=True)] == scaling.QUICK
     with pytest.raises(SystemExit, match="unknown rows or groups \\['noisyy'\\]"):
         scaling.select("noisyy", quick=False)
