@@ -18,9 +18,11 @@ BROWSER_PACKAGES := chromium chromium-driver
 .PHONY: install system-data browser demo test test-slow lint clean
 
 $(STAMP): pyproject.toml
+	@free=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); if [ "$$free" -lt 8 ]; then \
+		echo "warning: $$free GB free here; the install needs about 8 GB (torch's CUDA build is 6 GB of it)"; fi
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
-	$(BIN)/python -m pip install --quiet -e '.[dev,packaged,serve,bench]'
+	$(BIN)/python -m pip install --quiet --no-cache-dir $(TORCH_SPEC)
+	$(BIN)/python -m pip install --quiet --no-cache-dir -e '.[dev,packaged,serve,bench]'
 	touch $(STAMP)
 
 install: $(STAMP)
