@@ -28,13 +28,15 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lilt.baselines import fit_ridge, ridge_retrieval  # noqa: E402
+from lilt.baselines import fit_ridge, ridge_pairs, ridge_retrieval  # noqa: E402
 from lilt.config import DataConfig  # noqa: E402
 from lilt.data.emoji_cldr import load_emoji_cldr  # noqa: E402
 from lilt.data.resolve import resolve_data  # noqa: E402
 from lilt.data.transforms import PairCollator  # noqa: E402
 from lilt.data.loader import pair_loader  # noqa: E402
-from lilt.eval.retrieval import EmbeddedPairs, evaluate_retrieval, image_keys, recall_at_k, retrieval_by_lang  # noqa
+from lilt.eval.hubness import HubnessBank, choose_hubness  # noqa: E402
+from lilt.eval.retrieval import (EmbeddedPairs, embed_pairs, evaluate_retrieval, image_keys, recall_at_k,  # noqa: E402
+                                 retrieval_by_lang)
 from lilt.model import DualEncoder  # noqa: E402
 from lilt.plan import TuningPlan, apply_plan, budget  # noqa: E402
 from lilt.recipe import Recipe  # noqa: E402
@@ -60,6 +62,7 @@ class Row:
     overrides: tuple[str, ...] = ()
     note: str = ""
     val_only: bool = False  # an lr row: scored on validation only (it chooses, it is not reported)
+    hubness: bool = False  # score with the CSLS correction, k and beta chosen on validation (lilt.eval.hubness)
     seeds: tuple[int, ...] = SEEDS
 
 
@@ -153,9 +156,14 @@ class Bench:
             result["noisy_share"] = float(sum(train_data["noisy"])) / max(len(train_data), 1)
         if row.kind == "ridge":
             ridge = fit_ridge(self.frozen.of(train_data), val=self.frozen.of(val_data))
-            result.update(trainable_percent=0.0, val=ridge_retrieval(ridge, self.frozen.of(val_data))["all"],
-                          test=_r1(ridge_retrieval(ridge, self.frozen.of(self.test))),
-                          train_split=_r1(ridge_retrieval(ridge, self.frozen.of(self.train_sample))),
+            bank = None
+            if row.hubness:
+                bank = self.choose_hubness(ridge_pairs(ridge, self.frozen.of(train_data)),
+                                           ridge_pairs(ridge, self.frozen.of(val_data)), result)
+            val = ridge_retrieval(ridge, self.frozen.of(val_data), hubness=bank)["all"]
+            result.update(trainable_percent=0.0, val=val,
+                          test=_r1(ridge_retrieval(ridge, self.frozen.of(self.test), hubness=bank)),
+                          train_split=_r1(ridge_retrieval(ridge, self.frozen.of(self.train_sample), hubness=bank)),
                           conservation=self.frozen_conservation, ridge_alpha=ridge.alpha)
             return _finish(result, start)
         torch.manual_seed(seed)
@@ -186,10 +194,22 @@ class Bench:
         if row.val_only:
             return _finish(result, start)
         workers = {"batch_size": config.eval_batch_size, "num_workers": spec.data.num_workers}
-        result["test"] = _r1(evaluate_retrieval(model, self.test, **workers))
-        result["train_split"] = _r1(evaluate_retrieval(model, self.train_sample, **workers))
+        bank = None
+        if row.hubness:
+            val_pairs = embed_pairs(model, val_data, **workers)
+            bank = self.choose_hubness(embed_pairs(model, train_data, **workers), val_pairs, result)
+            result["val"] = retrieval_by_lang(bank.correct(val_pairs))["all"]
+        result["test"] = _r1(evaluate_retrieval(model, self.test, **workers, hubness=bank))
+        result["train_split"] = _r1(evaluate_retrieval(model, self.train_sample, **workers, hubness=bank))
         result["conservation"] = self.conservation(model)
         return _finish(result, start)
+
+    @staticmethod
+    def choose_hubness(train_pairs: EmbeddedPairs, val_pairs: EmbeddedPairs, result: dict[str, Any]) -> HubnessBank:
+        """The CSLS bank of the row's training pairs at the k and beta that validation prefers (noted in result)."""
+        bank, tried = choose_hubness(train_pairs, val_pairs)
+        result.setdefault("levers", {}).update(hubness_k=bank.k, hubness_beta=bank.beta, hubness_val=tried)
+        return bank
 
     @torch.inference_mode()
     def conservation(self, model: DualEncoder) -> dict[str, float]:

@@ -55,6 +55,9 @@ def rows() -> list[Row]:
                 Row(f"budget-full-sw{n}", "budget", plan="full", overrides=budget_over)]
     parallel = ("data.parallel=builtin:emoji-cldr", "data.parallel_langs=[sw, yo]")
     out += [
+        Row("ridge+hubness", "lever", "ridge", hubness=True,
+            note="CSLS hubness correction (per-language caption banks), k and beta on validation"),
+        Row("lwa+hubness", "lever", plan="lwa", hubness=True, note="the same correction on the tuned model"),
         Row("lwa+ridge-init", "lever", plan="lwa", overrides=("train.head_init=ridge",),
             note="heads start from the ridge solution"),
         # Its own evaluation interval: --quick turns evaluation during training off, and with only the final

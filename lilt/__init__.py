@@ -51,6 +51,8 @@ _EXPORTS = {
     "evaluate_retrieval": "lilt.eval",
     "evaluate_zeroshot": "lilt.eval",
     "linear_probe": "lilt.eval",
+    "HubnessBank": "lilt.eval",
+    "choose_hubness": "lilt.eval",
     "swap_text_tower": "lilt.swap",
     "grow": "lilt.growth",
     "grow_depth": "lilt.growth",

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ConfigError
+from .eval.hubness import HubnessBank
 from .eval.retrieval import EmbeddedPairs, embed_pairs, retrieval_by_lang
 
 
@@ -120,11 +121,20 @@ def fit_ridge(train: EmbeddedPairs, alphas: Sequence[float] = (1.0, 10.0, 100.0,
     return RidgeMap.fit(x, y, max(scored)[1])
 
 
-def ridge_retrieval(ridge: RidgeMap, features: EmbeddedPairs, k: Sequence[int] = (1, 5, 10)) -> dict[str, Any]:
-    """Retrieval recall@K per language when images are mapped into the text space by `ridge`."""
-    mapped = EmbeddedPairs(ridge.embed_images(features.images), ridge.embed_texts(features.texts),
-                           features.text_image, features.langs, features.skipped)
-    return retrieval_by_lang(mapped, k)
+def ridge_pairs(ridge: RidgeMap, features: EmbeddedPairs) -> EmbeddedPairs:
+    """Frozen-feature pairs mapped into the shared space by `ridge` (what its retrieval scores)."""
+    return EmbeddedPairs(ridge.embed_images(features.images), ridge.embed_texts(features.texts),
+                         features.text_image, features.langs, features.skipped)
+
+
+def ridge_retrieval(ridge: RidgeMap, features: EmbeddedPairs, k: Sequence[int] = (1, 5, 10),
+                    hubness: HubnessBank | None = None) -> dict[str, Any]:
+    """Retrieval recall@K per language when images are mapped into the text space by `ridge`.
+
+    `hubness`: a HubnessBank of `ridge_pairs` of the training features, for the CSLS-corrected scores.
+    """
+    mapped = ridge_pairs(ridge, features)
+    return retrieval_by_lang(hubness.correct(mapped) if hubness is not None else mapped, k)
 
 
 def heads_from_ridge(model: Any, ridge: RidgeMap, text_features: torch.Tensor) -> None:
