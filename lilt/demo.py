@@ -6,7 +6,8 @@ Four models are compared on the test emoji (never seen in training), per caption
 3. the heads alone, fitted contrastively on the frozen features (the recipe's head warm-up, LP-FT's "LP");
 4. the recipe's model (LilT's layer-wise adapters + norms by default) trained from there on the same pairs.
 Languages listed under `eval.langs` but absent from the training data show zero-shot transfer through the
-multilingual text tower.
+multilingual text tower. With `eval.hubness`, all four are scored with the CSLS hubness correction, each
+against a bank of its own training embeddings at the k and beta its validation split prefers.
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from .baselines import fit_ridge, pair_features, ridge_retrieval
+from .baselines import fit_ridge, pair_features, ridge_pairs
 from ._io import write_json, write_text
 from .config import DataConfig
 from .data.resolve import resolve_data
 from .errors import ConfigError
-from .eval.retrieval import EmbeddedPairs, evaluate_retrieval, retrieval_by_lang
+from .eval.hubness import choose_hubness
+from .eval.retrieval import EmbeddedPairs, embed_pairs, retrieval_by_lang
 from .model import DualEncoder
 from .plan import apply_plan, budget
 from .recipe import Recipe
@@ -62,30 +64,44 @@ def run_demo(out_dir: Path, recipe: str | Path = "demo", overrides: Sequence[str
     print(f"training pairs per language: {counts}; test: {len(set(test_data['emoji']))} emoji, "
           f"{len(test_data)} captions in {len(set(test_data['lang']))} languages\n")
 
+    hubness: dict[str, dict[str, float]] = {}
+
+    def scored(name: str, embed: Any, test: Any, train: Any, val: Any) -> dict[str, dict[str, float]]:
+        """R@1 per language of `embed(test)`; with eval.hubness, corrected by a bank of `embed(train)`."""
+        if not spec.eval.hubness:
+            return retrieval_by_lang(embed(test))
+        bank, _ = choose_hubness(embed(train), embed(val))  # k and beta chosen on validation
+        hubness[name] = {"k": bank.k, "beta": bank.beta}
+        return retrieval_by_lang(bank.correct(embed(test)))
+
     print("1/3 frozen features: ridge baseline and head warm-up ...", flush=True)
     workers = dict(num_workers=data_config.num_workers, batch_size=train_config.eval_batch_size)
-    test_features = pair_features(model, test_data, **workers)
-    results = {"untrained": retrieval_by_lang(head_embeddings(model, test_features))}
-    train_features = pair_features(model, train_data, **workers)
-    val_features = pair_features(model, val_data, **workers)
+    features = [pair_features(model, data, **workers) for data in (test_data, train_data, val_data)]
+    train_features, val_features = features[1:]
+    results = {"untrained": scored("untrained", lambda f: head_embeddings(model, f), *features)}
     ridge = fit_ridge(train_features, val=val_features)
-    results["ridge"] = ridge_retrieval(ridge, test_features)
+    results["ridge"] = scored("ridge", lambda f: ridge_pairs(ridge, f), *features)
     print(f"    ridge map fitted (alpha {ridge.alpha:g}) in {time.perf_counter() - start:.0f} s\n")
 
     if train_config.head_warmup_epochs or train_config.head_init == "ridge":  # here, to score the heads alone
         warm_up_heads(model, train_data, train_config, features=train_features, val=val_features)
         train_config = dataclasses.replace(train_config, head_warmup_epochs=0, head_init="random")
-    results["heads"] = retrieval_by_lang(head_embeddings(model, test_features))
+    results["heads"] = scored("heads", lambda f: head_embeddings(model, f), *features)
 
     print(f"2/3 training {train_config.steps} steps of batch {train_config.batch_size} ...", flush=True)
     run = train(model, train_data, train_config, data_config=data_config, val_data=val_data)
     print(f"    {run.samples_per_second:.1f} samples/s\n\n3/3 evaluating the trained model ...", flush=True)
-    results["trained"] = evaluate_retrieval(model, test_data, **workers)
+    results["trained"] = scored("trained", lambda d: embed_pairs(model, d, **workers), test_data, train_data,
+                                val_data)
 
     table = format_table(results, counts)
     print("\nTest-split retrieval R@1 (%), over all test emoji of each language:\n" + table)
+    if hubness:
+        print("scored with the CSLS hubness correction (eval.hubness), k / beta chosen on validation: "
+              + ", ".join(f"{name} {h['k']} / {h['beta']:g}" for name, h in hubness.items()))
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / "demo_results.json", {"train_pairs": counts, "results": results})
+    write_json(out_dir / "demo_results.json", {"train_pairs": counts, "results": results,
+                                               **({"hubness": hubness} if hubness else {})})
     write_text(out_dir / "demo_results.md", table + "\n")
     plot = plot_demo(results, run.history, out_dir / "demo.png")
     print(f"\nresults: {out_dir / 'demo_results.md'} (+ .json)\nplot:    {plot}\n"

@@ -109,6 +109,8 @@ class EvalConfig(ConfigBase):
 
     langs: list[str] | None = knob(None, "caption languages to report, including ones with no training pairs "
                                    "(zero-shot through the text tower); None: the training languages")
+    hubness: bool = knob(False, "score retrieval with the CSLS hubness correction against each model's training "
+                         "embeddings, k and beta chosen on the validation split (lilt.eval.hubness)")
 
     def validate(self) -> None:
         if self.langs is not None and (not self.langs or not all(self.langs)):
