@@ -94,7 +94,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     rows, paths = run_eval(args.model, args.data, args.out, task=args.task, langs=args.langs,
                            classnames=args.classnames, templates=args.templates, train_data=args.train_data,
                            label_column=args.label_column, batch_size=args.batch_size, num_workers=args.num_workers,
-                           split=args.split, columns=_columns(args))
+                           split=args.split, columns=_columns(args), hubness=args.hubness, val_data=args.val_data)
     print(markdown_table(rows))
     print("\n" + "\n".join(f"{kind}: {path}" for kind, path in paths.items()))
     return 0
@@ -343,7 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default="eval-out", help="where eval.json/.md/.png go (default eval-out)")
     ev.add_argument("--classnames", help="zero-shot: YAML/JSON class names in label order, or {lang: [names]}")
     ev.add_argument("--templates", help="zero-shot: YAML/JSON {lang: [templates with {}]} (default: shipped ones)")
-    ev.add_argument("--train-data", help="linear probe: labelled images to fit it on")
+    ev.add_argument("--train-data", help="linear probe: labelled images to fit it on; --hubness: the model's "
+                    "training pairs (the bank)")
+    ev.add_argument("--val-data", help="--hubness: pairs to choose k and beta on (e.g. builtin:emoji-cldr:validation)")
+    ev.add_argument("--hubness", action="store_true", help="retrieval with the CSLS hubness correction against "
+                    "--train-data (helps on concepts the model never saw; see README, Evaluation)")
     ev.add_argument("--label-column", default="label", help="zero-shot / linear probe: the label column")
     embed = sub.add_parser("embed", help="export image or caption embeddings of a dataset for search")
     embed.add_argument("--model", required=True)

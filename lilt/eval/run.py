@@ -18,12 +18,15 @@ def run_eval(model: Any, data: str, out: str | Path, *, task: Task = "retrieval"
              classnames: str | Path | None = None, templates: str | Path | None = None, train_data: str | None = None,
              label_column: str = "label", batch_size: int = 256, num_workers: int = 0,
              model_name: str | None = None, split: str | None = None,
-             columns: Mapping[str, str] | None = None) -> tuple[list[dict[str, Any]], dict[str, Path]]:
+             columns: Mapping[str, str] | None = None, hubness: bool = False,
+             val_data: str | None = None) -> tuple[list[dict[str, Any]], dict[str, Path]]:
     """Evaluate `model` (a DualEncoder or a saved folder) on `data`; write eval.{json,md,png} under `out`.
 
     `columns`: load_pairs' image_column/text_column/lang_column for a table whose columns are named otherwise
     (zero-shot and linear probe use its image_column).
     Retrieval groups a table's rows by image, so one row per caption scores as one image with many captions.
+    `hubness` (retrieval): the CSLS correction against the model's embeddings of `train_data`, k and beta
+    chosen on `val_data` (lilt.eval.hubness).
     """
     import lilt
     from ..data import load_labelled, load_pairs
@@ -33,9 +36,23 @@ def run_eval(model: Any, data: str, out: str | Path, *, task: Task = "retrieval"
         model_name = model_name or str(model)
         model = lilt.DualEncoder.from_pretrained(model)
     options = dict(batch_size=batch_size, num_workers=num_workers)
+    extra: dict[str, Any] = {}
+    if hubness and (task != "retrieval" or not train_data or not val_data):
+        raise ConfigError(f"--hubness (task {task}, --train-data {train_data}, --val-data {val_data}) corrects "
+                          "retrieval against a bank of training pairs: use --task retrieval with --train-data SPEC "
+                          "(e.g. builtin:emoji-cldr:train) and --val-data SPEC (it chooses k and beta).")
     if task == "retrieval":
         pairs = load_pairs(data, split=split or _split(data), langs=langs, **(columns or {}))
-        results = lilt.evaluate_retrieval(model, pairs, progress=True, **options)
+        bank = None
+        if hubness:
+            from .hubness import choose_hubness
+            from .retrieval import embed_pairs
+            bank_pairs, val_pairs = (embed_pairs(model, load_pairs(spec, split=_split(spec), langs=langs,
+                                                                   **(columns or {})), progress=True, **options)
+                                     for spec in (train_data, val_data))
+            bank, _ = choose_hubness(bank_pairs, val_pairs)
+            extra = {"hubness_k": bank.k, "hubness_beta": bank.beta, "hubness_bank": train_data}
+        results = lilt.evaluate_retrieval(model, pairs, progress=True, hubness=bank, **options)
     elif task == "zeroshot":
         results = _zeroshot(model, data, split, langs, classnames, templates, label_column, options,
                             (columns or {}).get("image_column", "image"))
@@ -56,7 +73,7 @@ def run_eval(model: Any, data: str, out: str | Path, *, task: Task = "retrieval"
     dataset_name = data if split is None or data.count(":") > 1 else f"{data}:{split}"
     rows = report_rows(results, dataset=dataset_name, task=task, model=model_name or plan or "model",
                        extra={"plan": plan, "trainable_percent": round(budget.percent, 4),
-                              "vision": model.vision.source, "text": model.text.source})
+                              "vision": model.vision.source, "text": model.text.source, **extra})
     return rows, write_report(rows, Path(out), name="eval")
 
 
