@@ -299,10 +299,17 @@ def summarize(found: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         entry: dict[str, Any] = {"group": results[0]["group"], "seeds": sorted(r["seed"] for r in results),
                                  "trainable_percent": results[0].get("trainable_percent"),
                                  "val_mean_recall": collect(("val", "mean_recall"))}
-        for split in ("test", "train_split"):
+        for split in ("test", "train_split", "test_uncorrected"):
             entry[split] = {lang: {d: collect((split, lang, d)) for d in ("i2t", "t2i")}
                             for lang in (results[0].get(split) or {})}
         entry["zero_pair"] = {d: collect(("zero_pair", d)) for d in ("i2t", "t2i")}
+        if all(r.get("test_uncorrected") for r in results):  # hubness rows: each seed's gain over its own model
+            paired = [{**{f"{x} {d}": r["test"][x][d] - r["test_uncorrected"][x][d] for x in ("en", "sw", "yo")
+                          for d in ("i2t", "t2i")},
+                       **{f"zero-pair {d}": statistics.mean(r["test"][x][d] - r["test_uncorrected"][x][d]
+                                                            for x in ZERO_PAIR) for d in ("i2t", "t2i")}}
+                      for r in results]
+            entry["hubness_gain"] = {key: stat([p[key] for p in paired]) for key in paired[0]}
         entry["conservation"] = {lang: collect(("conservation", lang)) for lang in CONSERVE_LANGS}
         entry["train_pairs"] = results[0].get("train_pairs")
         entry["levers"] = [r.get("levers") for r in results if r.get("levers")]

@@ -140,6 +140,19 @@ def markdown(summary: dict[str, Any], lrs: dict[str, float], quick: bool) -> str
                       fmt(e["train_split"].get("en", {}).get("i2t")), fmt(gap), fmt(e["val_mean_recall"])]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
+    corrected = [n for n in summary if summary[n].get("hubness_gain")]
+    if corrected:
+        keys = list(summary[corrected[0]]["hubness_gain"])
+        lines += ["## Hubness correction: each seed's model scored without and with it (test R@1 gain, points)", "",
+                  "| row | seeds | k / beta chosen on validation | " + " | ".join(keys) + " |",
+                  "|" + "---|" * (3 + len(keys))]
+        for name in corrected:
+            e = summary[name]
+            chosen = ", ".join(f"{lv['hubness_k']} / {lv['hubness_beta']:g}" for lv in e["levers"])
+            lines.append(f"| {name} | {len(e['seeds'])} | {chosen} | "
+                         + " | ".join(f"{e['hubness_gain'][k]['mean']:+.1f} ({e['hubness_gain'][k]['min']:+.1f}.."
+                                      f"{e['hubness_gain'][k]['max']:+.1f})" for k in keys) + " |")
+        lines.append("")
     conserved = [n for n in summary if summary[n]["group"] == "method" and summary[n]["conservation"].get("sw")]
     if conserved:
         lines += ["## Knowledge conservation: the text tower's English name -> name in X, test emoji, R@1 %", "",

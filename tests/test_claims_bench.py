@@ -56,3 +56,18 @@ def test_rows_are_selected_by_name_or_group_lr_rows_first() -> None:
     assert [r.name for r in claims.select(None, quick=True)] == ["ridge", "heads", "lwa", "lwa+parallel"]
     with pytest.raises(SystemExit, match="unknown rows or groups \\['lwaa'\\]"):
         claims.select("lwaa", quick=False)
+
+
+def test_hubness_rows_report_each_seeds_gain_over_its_own_uncorrected_model(tmp_path: Path) -> None:
+    for seed, gain in ((0, 0.5), (1, 1.5)):
+        result = _result("lwa+hubness", seed, 20.0, group="lever")
+        result["test_uncorrected"] = {x: {d: v - gain for d, v in s.items()} for x, s in result["test"].items()}
+        result["levers"] = {"hubness_k": 10, "hubness_beta": 0.25 * (seed + 1)}
+        _write(tmp_path, result)
+    _write(tmp_path, _result("lwa", 0, 20.0))
+    summary = claims.summarize(claims.load_results(tmp_path, quick=False))
+    assert "hubness_gain" not in summary["lwa"]
+    assert summary["lwa+hubness"]["hubness_gain"]["en i2t"] == pytest.approx(
+        {"mean": 1.0, "min": 0.5, "max": 1.5, "n": 2})
+    text = claims.report(tmp_path, quick=False, results=tmp_path)
+    assert "| lwa+hubness | 2 | 10 / 0.25, 10 / 0.5 | +1.0 (+0.5..+1.5) |" in text
