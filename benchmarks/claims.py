@@ -58,6 +58,8 @@ def rows() -> list[Row]:
         Row("ridge+hubness", "lever", "ridge", hubness=True,
             note="CSLS hubness correction (per-language caption banks), k and beta on validation"),
         Row("lwa+hubness", "lever", plan="lwa", hubness=True, note="the same correction on the tuned model"),
+        Row("lwa+ridge-ensemble", "lever", plan="lwa", ensemble=True,
+            note="scores mixed with the ridge map's on frozen features, weight on validation"),
         Row("lwa+ridge-init", "lever", plan="lwa", overrides=("train.head_init=ridge",),
             note="heads start from the ridge solution"),
         # Its own evaluation interval: --quick turns evaluation during training off, and with only the final
@@ -143,12 +145,13 @@ def markdown(summary: dict[str, Any], lrs: dict[str, float], quick: bool) -> str
     corrected = [n for n in summary if summary[n].get("hubness_gain")]
     if corrected:
         keys = list(summary[corrected[0]]["hubness_gain"])
-        lines += ["## Hubness correction: each seed's model scored without and with it (test R@1 gain, points)", "",
-                  "| row | seeds | k / beta chosen on validation | " + " | ".join(keys) + " |",
+        lines += ["## Scoring-time levers: each seed's model scored without and with it (test R@1 gain, points)", "",
+                  "| row | seeds | chosen on validation | " + " | ".join(keys) + " |",
                   "|" + "---|" * (3 + len(keys))]
         for name in corrected:
             e = summary[name]
-            chosen = ", ".join(f"{lv['hubness_k']} / {lv['hubness_beta']:g}" for lv in e["levers"])
+            chosen = ", ".join(f"k {lv['hubness_k']} beta {lv['hubness_beta']:g}" if "hubness_k" in lv
+                               else f"w {lv['ensemble_weight']:g}" for lv in e["levers"])
             lines.append(f"| {name} | {len(e['seeds'])} | {chosen} | "
                          + " | ".join(f"{e['hubness_gain'][k]['mean']:+.1f} ({e['hubness_gain'][k]['min']:+.1f}.."
                                       f"{e['hubness_gain'][k]['max']:+.1f})" for k in keys) + " |")
