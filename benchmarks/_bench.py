@@ -34,6 +34,7 @@ from lilt.data.emoji_cldr import load_emoji_cldr  # noqa: E402
 from lilt.data.resolve import resolve_data  # noqa: E402
 from lilt.data.transforms import PairCollator  # noqa: E402
 from lilt.data.loader import pair_loader  # noqa: E402
+from lilt.eval.ensemble import mix_pairs  # noqa: E402
 from lilt.eval.hubness import HubnessBank, choose_hubness  # noqa: E402
 from lilt.eval.retrieval import (EmbeddedPairs, embed_pairs, evaluate_retrieval, image_keys, recall_at_k,  # noqa: E402
                                  retrieval_by_lang)
@@ -221,13 +222,7 @@ class Bench:
         ridge = fit_ridge(frozen["train"], val=frozen["val"])
 
         def mix(tuned: EmbeddedPairs, features: EmbeddedPairs, w: float) -> EmbeddedPairs:
-            mapped = ridge_pairs(ridge, features)  # captions in the same row order; images matched through them
-            where = torch.empty(len(tuned.images), dtype=torch.long)
-            where[tuned.text_image] = mapped.text_image
-            a, b = (1 - w) ** 0.5, w ** 0.5  # a dot product of the concatenations is the weighted cosine sum
-            return EmbeddedPairs(torch.cat([a * F.normalize(tuned.images, dim=-1), b * mapped.images[where]], 1),
-                                 torch.cat([a * F.normalize(tuned.texts, dim=-1), b * mapped.texts], 1),
-                                 tuned.text_image, tuned.langs, [])
+            return mix_pairs(tuned, ridge_pairs(ridge, features), w)
 
         val_pairs, test_pairs = embed_pairs(model, val_data, **workers), embed_pairs(model, self.test, **workers)
         tried = {w: retrieval_by_lang(mix(val_pairs, frozen["val"], w))["all"] for w in (0.0, 0.25, 0.5, 0.75)}

@@ -53,6 +53,8 @@ _EXPORTS = {
     "linear_probe": "lilt.eval",
     "HubnessBank": "lilt.eval",
     "choose_hubness": "lilt.eval",
+    "RidgeEnsemble": "lilt.eval.ensemble",
+    "fit_ridge_ensemble": "lilt.eval.ensemble",
     "swap_text_tower": "lilt.swap",
     "grow": "lilt.growth",
     "grow_depth": "lilt.growth",

@@ -94,7 +94,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     rows, paths = run_eval(args.model, args.data, args.out, task=args.task, langs=args.langs,
                            classnames=args.classnames, templates=args.templates, train_data=args.train_data,
                            label_column=args.label_column, batch_size=args.batch_size, num_workers=args.num_workers,
-                           split=args.split, columns=_columns(args), hubness=args.hubness, val_data=args.val_data)
+                           split=args.split, columns=_columns(args), hubness=args.hubness,
+                           ridge_ensemble=args.ridge_ensemble, val_data=args.val_data)
     print(markdown_table(rows))
     print("\n" + "\n".join(f"{kind}: {path}" for kind, path in paths.items()))
     return 0
@@ -347,7 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "training pairs (the bank)")
     ev.add_argument("--val-data", help="--hubness: pairs to choose k and beta on (e.g. builtin:emoji-cldr:validation)")
     ev.add_argument("--hubness", action="store_true", help="retrieval with the CSLS hubness correction against "
-                    "--train-data (helps on concepts the model never saw; see README, Evaluation)")
+                    "--train-data (see README, Evaluation)")
+    ev.add_argument("--ridge-ensemble", action="store_true", help="retrieval mixed with a ridge map on the frozen "
+                    "towers' features of --train-data (see README, Evaluation)")
     ev.add_argument("--label-column", default="label", help="zero-shot / linear probe: the label column")
     embed = sub.add_parser("embed", help="export image or caption embeddings of a dataset for search")
     embed.add_argument("--model", required=True)

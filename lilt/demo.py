@@ -7,7 +7,8 @@ Four models are compared on the test emoji (never seen in training), per caption
 4. the recipe's model (LilT's layer-wise adapters + norms by default) trained from there on the same pairs.
 Languages listed under `eval.langs` but absent from the training data show zero-shot transfer through the
 multilingual text tower. With `eval.hubness`, all four are scored with the CSLS hubness correction, each
-against a bank of its own training embeddings at the k and beta its validation split prefers.
+against a bank of its own training embeddings at the k and beta its validation split prefers. With
+`eval.ridge_ensemble`, the trained model's scores are mixed with the ridge map's (lilt.eval.ensemble).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import dataclasses
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,7 @@ from ._io import write_json, write_text
 from .config import DataConfig
 from .data.resolve import resolve_data
 from .errors import ConfigError
+from .eval.ensemble import DEFAULT_WEIGHTS, mix_pairs
 from .eval.hubness import choose_hubness
 from .eval.retrieval import EmbeddedPairs, embed_pairs, retrieval_by_lang
 from .model import DualEncoder
@@ -34,6 +36,7 @@ from .recipe import Recipe
 from .training import train, warm_up_heads
 
 MODELS = ("untrained", "ridge", "heads", "trained")
+TEST, TRAIN, VAL = range(3)
 
 
 def head_embeddings(model: DualEncoder, features: EmbeddedPairs) -> EmbeddedPairs:
@@ -66,42 +69,58 @@ def run_demo(out_dir: Path, recipe: str | Path = "demo", overrides: Sequence[str
 
     hubness: dict[str, dict[str, float]] = {}
 
-    def scored(name: str, embed: Any, test: Any, train: Any, val: Any) -> dict[str, dict[str, float]]:
-        """R@1 per language of `embed(test)`; with eval.hubness, corrected by a bank of `embed(train)`."""
+    def scored(name: str, embed: Callable[[int], EmbeddedPairs]) -> dict[str, dict[str, float]]:
+        """R@1 per language of embed(TEST); with eval.hubness, corrected by a bank of embed(TRAIN)."""
         if not spec.eval.hubness:
-            return retrieval_by_lang(embed(test))
-        bank, _ = choose_hubness(embed(train), embed(val))  # k and beta chosen on validation
+            return retrieval_by_lang(embed(TEST))
+        bank, _ = choose_hubness(embed(TRAIN), embed(VAL))  # k and beta chosen on validation
         hubness[name] = {"k": bank.k, "beta": bank.beta}
-        return retrieval_by_lang(bank.correct(embed(test)))
+        return retrieval_by_lang(bank.correct(embed(TEST)))
 
     print("1/3 frozen features: ridge baseline and head warm-up ...", flush=True)
     workers = dict(num_workers=data_config.num_workers, batch_size=train_config.eval_batch_size)
-    features = [pair_features(model, data, **workers) for data in (test_data, train_data, val_data)]
-    train_features, val_features = features[1:]
-    results = {"untrained": scored("untrained", lambda f: head_embeddings(model, f), *features)}
+    tables = (test_data, train_data, val_data)  # indexed by TEST, TRAIN, VAL
+    features = [pair_features(model, data, **workers) for data in tables]
+    train_features, val_features = features[TRAIN], features[VAL]
+    results = {"untrained": scored("untrained", lambda i: head_embeddings(model, features[i]))}
     ridge = fit_ridge(train_features, val=val_features)
-    results["ridge"] = scored("ridge", lambda f: ridge_pairs(ridge, f), *features)
+    results["ridge"] = scored("ridge", lambda i: ridge_pairs(ridge, features[i]))
     print(f"    ridge map fitted (alpha {ridge.alpha:g}) in {time.perf_counter() - start:.0f} s\n")
 
     if train_config.head_warmup_epochs or train_config.head_init == "ridge":  # here, to score the heads alone
         warm_up_heads(model, train_data, train_config, features=train_features, val=val_features)
         train_config = dataclasses.replace(train_config, head_warmup_epochs=0, head_init="random")
-    results["heads"] = scored("heads", lambda f: head_embeddings(model, f), *features)
+    results["heads"] = scored("heads", lambda i: head_embeddings(model, features[i]))
 
     print(f"2/3 training {train_config.steps} steps of batch {train_config.batch_size} ...", flush=True)
     run = train(model, train_data, train_config, data_config=data_config, val_data=val_data)
     print(f"    {run.samples_per_second:.1f} samples/s\n\n3/3 evaluating the trained model ...", flush=True)
-    results["trained"] = scored("trained", lambda d: embed_pairs(model, d, **workers), test_data, train_data,
-                                val_data)
+    tuned: dict[int, EmbeddedPairs] = {}
+
+    def trained(i: int, weight: float = 0.0) -> EmbeddedPairs:
+        if i not in tuned:
+            tuned[i] = embed_pairs(model, tables[i], **workers)
+        return mix_pairs(tuned[i], ridge_pairs(ridge, features[i]), weight) if weight else tuned[i]
+
+    extra: dict[str, Any] = {}
+    weight = 0.0
+    if spec.eval.ridge_ensemble:  # the trained model's scores mixed with the ridge map's, weight on validation
+        tried = {w: retrieval_by_lang(trained(VAL, w))["all"]["mean_recall"] for w in DEFAULT_WEIGHTS}
+        weight = max(tried, key=tried.__getitem__)
+        extra["ridge_ensemble"] = {"weight": weight, "val_mean_recall": {f"{w:g}": v for w, v in tried.items()}}
+    results["trained"] = scored("trained", lambda i: trained(i, weight))
 
     table = format_table(results, counts)
     print("\nTest-split retrieval R@1 (%), over all test emoji of each language:\n" + table)
+    if spec.eval.ridge_ensemble:
+        print(f"trained = the tuned model's scores mixed with the ridge map's (eval.ridge_ensemble), weight {weight:g} "
+              "chosen on validation")
     if hubness:
+        extra["hubness"] = hubness
         print("scored with the CSLS hubness correction (eval.hubness), k / beta chosen on validation: "
               + ", ".join(f"{name} {h['k']} / {h['beta']:g}" for name, h in hubness.items()))
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / "demo_results.json", {"train_pairs": counts, "results": results,
-                                               **({"hubness": hubness} if hubness else {})})
+    write_json(out_dir / "demo_results.json", {"train_pairs": counts, "results": results, **extra})
     write_text(out_dir / "demo_results.md", table + "\n")
     plot = plot_demo(results, run.history, out_dir / "demo.png")
     print(f"\nresults: {out_dir / 'demo_results.md'} (+ .json)\nplot:    {plot}\n"

@@ -111,6 +111,8 @@ class EvalConfig(ConfigBase):
                                    "(zero-shot through the text tower); None: the training languages")
     hubness: bool = knob(False, "score retrieval with the CSLS hubness correction against each model's training "
                          "embeddings, k and beta chosen on the validation split (lilt.eval.hubness)")
+    ridge_ensemble: bool = knob(False, "score the trained model mixed with the ridge map on its frozen towers' "
+                                "features, the weight chosen on the validation split (lilt.eval.ensemble)")
 
     def validate(self) -> None:
         if self.langs is not None and (not self.langs or not all(self.langs)):

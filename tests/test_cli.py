@@ -103,17 +103,21 @@ def test_eval_report_embed_and_search_on_a_saved_tiny_model(make_model, tmp_path
     assert lines[0] == "'red cat':" and len(lines) == 4 and lines[1].strip().startswith("1.")
 
 
-def test_eval_with_the_hubness_correction_names_its_choice(make_model, tmp_path: Path, capsys) -> None:
+def test_eval_with_the_scoring_levers_names_their_choices(make_model, tmp_path: Path, capsys) -> None:
     make_model("vit").save_pretrained(tmp_path / "m")
     bank = ["--train-data", "builtin:tiny-random:train", "--val-data", "builtin:tiny-random:validation"]
     base = ["eval", "--model", str(tmp_path / "m"), "--data", "builtin:tiny-random:test", "--hubness"]
     assert main([*base, *bank, "--out", str(tmp_path / "h")]) == 0
     rows = json.loads((tmp_path / "h" / "eval.json").read_text())
     assert {r["hubness_k"] for r in rows} <= {10, 50} and {r["hubness_beta"] for r in rows} <= {0.0, 0.25, 0.5, 0.75}
-    assert rows[0]["hubness_bank"] == "builtin:tiny-random:train"
+    assert rows[0]["levers_fitted_on"] == "builtin:tiny-random:train" and "ridge_ensemble_weight" not in rows[0]
+    assert main([*base, "--ridge-ensemble", *bank, "--out", str(tmp_path / "e")]) == 0
+    rows = json.loads((tmp_path / "e" / "eval.json").read_text())
+    assert rows[0]["ridge_ensemble_weight"] in (0.0, 0.25, 0.5, 0.75) and rows[0]["ridge_alpha"] > 0
     capsys.readouterr()
     assert main([*base, "--train-data", "builtin:tiny-random:train"]) == 2
-    assert "--val-data None" in capsys.readouterr().err
+    assert "--hubness (task retrieval, --train-data builtin:tiny-random:train, --val-data None)" in \
+        capsys.readouterr().err
 
 
 def test_eval_reports_a_missing_model_cleanly(tmp_path: Path, capsys) -> None:

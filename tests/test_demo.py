@@ -38,24 +38,28 @@ def test_short_training_lifts_validation_recall_well_above_untrained(tmp_path: P
     assert result.metrics["val/en/i2t/R@1"] == pytest.approx(after["i2t/R@1"], abs=1e-6)
 
 
-@pytest.mark.parametrize("hubness", [False, True])
-def test_demo_end_to_end_on_a_small_slice(tmp_path: Path, capsys: pytest.CaptureFixture[str], hubness: bool) -> None:
+@pytest.mark.parametrize("levers", [False, True])  # the scoring levers: hubness correction, ridge ensemble
+def test_demo_end_to_end_on_a_small_slice(tmp_path: Path, capsys: pytest.CaptureFixture[str], levers: bool) -> None:
     from lilt.demo import MODELS, run_demo
 
     small = ["model.vision.image_size=64", "data.langs=[en,sw]", "data.pairs_per_lang={en: 64, sw: 32}",
              "data.num_workers=0", "train.steps=4", "train.batch_size=16", "train.warmup_steps=1",
              "train.eval_every=2", "train.save_every=4", "train.head_warmup_epochs=2", "train.report_to=[]",
-             "eval.langs=[en,sw,yo]", f"eval.hubness={str(hubness).lower()}"]
+             "eval.langs=[en,sw,yo]", f"eval.hubness={str(levers).lower()}",
+             f"eval.ridge_ensemble={str(levers).lower()}"]
     assert run_demo(tmp_path, "recipes/demo.yaml", small) == 0
     out = capsys.readouterr().out
     assert "| lang | train pairs |" in out and "| yo | 0 |" in out  # yo: no training pairs, zero-shot only
     results = json.loads((tmp_path / "demo_results.json").read_text())
     assert results["train_pairs"] == {"en": 64, "sw": 32}
     # each model's own bank, k and beta from the candidates choose_hubness tries
-    assert ("hubness" in results) == hubness and ("hubness correction" in out) == hubness
-    if hubness:
+    assert ("hubness" in results) == levers and ("hubness correction" in out) == levers
+    assert ("ridge_ensemble" in results) == levers and ("mixed with the ridge map" in out) == levers
+    if levers:
         assert set(results["hubness"]) == set(MODELS)
         assert all(h["k"] in (10, 50) and h["beta"] in (0.0, 0.25, 0.5, 0.75) for h in results["hubness"].values())
+        tried = results["ridge_ensemble"]["val_mean_recall"]
+        assert results["ridge_ensemble"]["weight"] == float(max(tried, key=tried.__getitem__))
     for name in MODELS:
         for lang in ("en", "sw", "yo"):
             assert 0 <= results["results"][name][lang]["i2t/R@1"] <= 100

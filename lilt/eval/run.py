@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
@@ -18,7 +19,7 @@ def run_eval(model: Any, data: str, out: str | Path, *, task: Task = "retrieval"
              classnames: str | Path | None = None, templates: str | Path | None = None, train_data: str | None = None,
              label_column: str = "label", batch_size: int = 256, num_workers: int = 0,
              model_name: str | None = None, split: str | None = None,
-             columns: Mapping[str, str] | None = None, hubness: bool = False,
+             columns: Mapping[str, str] | None = None, hubness: bool = False, ridge_ensemble: bool = False,
              val_data: str | None = None) -> tuple[list[dict[str, Any]], dict[str, Path]]:
     """Evaluate `model` (a DualEncoder or a saved folder) on `data`; write eval.{json,md,png} under `out`.
 
@@ -26,7 +27,9 @@ def run_eval(model: Any, data: str, out: str | Path, *, task: Task = "retrieval"
     (zero-shot and linear probe use its image_column).
     Retrieval groups a table's rows by image, so one row per caption scores as one image with many captions.
     `hubness` (retrieval): the CSLS correction against the model's embeddings of `train_data`, k and beta
-    chosen on `val_data` (lilt.eval.hubness).
+    chosen on `val_data` (lilt.eval.hubness). `ridge_ensemble` (retrieval): the model's scores mixed with
+    a ridge map fitted on the frozen towers' features of `train_data`, the weight chosen on `val_data`
+    (lilt.eval.ensemble). Both together: the correction applies to the mixed scores.
     """
     import lilt
     from ..data import load_labelled, load_pairs
@@ -37,22 +40,18 @@ def run_eval(model: Any, data: str, out: str | Path, *, task: Task = "retrieval"
         model = lilt.DualEncoder.from_pretrained(model)
     options = dict(batch_size=batch_size, num_workers=num_workers)
     extra: dict[str, Any] = {}
-    if hubness and (task != "retrieval" or not train_data or not val_data):
-        raise ConfigError(f"--hubness (task {task}, --train-data {train_data}, --val-data {val_data}) corrects "
-                          "retrieval against a bank of training pairs: use --task retrieval with --train-data SPEC "
-                          "(e.g. builtin:emoji-cldr:train) and --val-data SPEC (it chooses k and beta).")
+    levers = [flag for flag, on in (("--hubness", hubness), ("--ridge-ensemble", ridge_ensemble)) if on]
+    if levers and (task != "retrieval" or not train_data or not val_data):
+        raise ConfigError(f"{' '.join(levers)} (task {task}, --train-data {train_data}, --val-data {val_data}) "
+                          "scores retrieval with what the training pairs give: use --task retrieval with --train-data "
+                          "SPEC (e.g. builtin:emoji-cldr:train) and --val-data SPEC (it chooses the strength).")
     if task == "retrieval":
         pairs = load_pairs(data, split=split or _split(data), langs=langs, **(columns or {}))
-        bank = None
-        if hubness:
-            from .hubness import choose_hubness
-            from .retrieval import embed_pairs
-            bank_pairs, val_pairs = (embed_pairs(model, load_pairs(spec, split=_split(spec), langs=langs,
-                                                                   **(columns or {})), progress=True, **options)
-                                     for spec in (train_data, val_data))
-            bank, _ = choose_hubness(bank_pairs, val_pairs)
-            extra = {"hubness_k": bank.k, "hubness_beta": bank.beta, "hubness_bank": train_data}
-        results = lilt.evaluate_retrieval(model, pairs, progress=True, hubness=bank, **options)
+        if levers:
+            results, extra = _retrieval_with_levers(model, pairs, train_data, val_data, langs, columns, hubness,
+                                                    ridge_ensemble, options)
+        else:
+            results = lilt.evaluate_retrieval(model, pairs, progress=True, **options)
     elif task == "zeroshot":
         results = _zeroshot(model, data, split, langs, classnames, templates, label_column, options,
                             (columns or {}).get("image_column", "image"))
@@ -75,6 +74,32 @@ def run_eval(model: Any, data: str, out: str | Path, *, task: Task = "retrieval"
                        extra={"plan": plan, "trainable_percent": round(budget.percent, 4),
                               "vision": model.vision.source, "text": model.text.source, **extra})
     return rows, write_report(rows, Path(out), name="eval")
+
+
+def _retrieval_with_levers(model: Any, pairs: Any, train_data: str, val_data: str, langs: Sequence[str] | None,
+                           columns: Mapping[str, str] | None, hubness: bool, ridge_ensemble: bool,
+                           options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Retrieval with the ridge ensemble and/or the hubness correction, each chosen on `val_data`."""
+    from ..data import load_pairs
+    from .ensemble import fit_ridge_ensemble
+    from .hubness import choose_hubness
+    from .retrieval import embed_pairs, retrieval_by_lang
+
+    train, val = (load_pairs(spec, split=_split(spec), langs=langs, **(columns or {}))
+                  for spec in (train_data, val_data))
+    extra: dict[str, Any] = {}
+    embed: Any = partial(embed_pairs, model)
+    if ridge_ensemble:
+        ensemble, _ = fit_ridge_ensemble(model, train, val, progress=True, **options)
+        extra.update(ridge_ensemble_weight=ensemble.weight, ridge_alpha=ensemble.ridge.alpha)
+        embed = ensemble.embed_pairs
+    test = embed(pairs, progress=True, **options)
+    if hubness:
+        bank, _ = choose_hubness(embed(train, progress=True, **options), embed(val, progress=True, **options))
+        extra.update(hubness_k=bank.k, hubness_beta=bank.beta)
+        test = bank.correct(test)
+    extra["levers_fitted_on"] = train_data
+    return retrieval_by_lang(test), extra
 
 
 def _split(spec: str) -> str:

@@ -1,0 +1,86 @@
+"""Output-space ensemble: a tuned model's cosine scores mixed with the ridge map's on its frozen towers' features.
+
+Tuning memorizes the ~training concepts; the closed-form ridge map on the frozen towers keeps what the
+backbones knew. On concepts no training step saw, `(1 - w) cos(tuned) + w cos(ridge)` with `w` chosen on
+validation retrieves better than either (measured on builtin:emoji-cldr: benchmarks/claims.py's
+`lwa+ridge-ensemble`). It is WiSE-FT's idea - stay close to what the backbones know - in the space of
+scores rather than of weights (Wortsman et al. 2022 compare the two), and the ridge side costs one
+closed-form fit. The mix rides in concatenated embeddings, `[sqrt(1-w) tuned, sqrt(w) ridge]`, so every
+recall routine (and the hubness correction) works on it unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import datasets
+import torch
+import torch.nn.functional as F
+
+from ..baselines import RidgeMap, fit_ridge, pair_features, ridge_pairs
+from ..errors import ConfigError, DataError
+from .retrieval import EmbeddedPairs, embed_pairs, retrieval_by_lang
+
+DEFAULT_WEIGHTS = (0.0, 0.25, 0.5, 0.75)
+
+
+def mix_pairs(tuned: EmbeddedPairs, mapped: EmbeddedPairs, weight: float) -> EmbeddedPairs:
+    """Pairs whose dot products are (1 - weight) * the tuned cosine + weight * the mapped cosine.
+
+    Both must hold the same captions in the same order; images are matched through the captions, so the
+    two may list the distinct images in different orders.
+    """
+    if not 0.0 <= weight <= 1.0:
+        raise ConfigError(f"ensemble weight={weight} must be in [0, 1] (0: the tuned model alone, 1: the ridge map).")
+    if len(tuned.texts) != len(mapped.texts) or len(tuned.images) != len(mapped.images):
+        raise DataError(f"the two sides embed different data ({len(tuned.images)} / {len(mapped.images)} images, "
+                        f"{len(tuned.texts)} / {len(mapped.texts)} captions); embed the same table with both.")
+    where = torch.empty(len(tuned.images), dtype=torch.long)
+    where[tuned.text_image] = mapped.text_image
+    a, b = (1.0 - weight) ** 0.5, weight ** 0.5
+    images = torch.cat([a * F.normalize(tuned.images.float(), dim=-1),
+                        b * F.normalize(mapped.images[where].float(), dim=-1)], 1)
+    texts = torch.cat([a * F.normalize(tuned.texts.float(), dim=-1), b * F.normalize(mapped.texts.float(), dim=-1)],
+                      1)
+    return EmbeddedPairs(images, texts, tuned.text_image, tuned.langs, tuned.skipped)
+
+
+@dataclass
+class RidgeEnsemble:
+    """A tuned DualEncoder, the same towers frozen, and a ridge map between the frozen features: one retriever."""
+
+    model: Any
+    frozen: Any
+    ridge: RidgeMap
+    weight: float
+
+    def embed_pairs(self, data: datasets.Dataset, **options: Any) -> EmbeddedPairs:
+        """The mixed embeddings of a pair table (`options`: embed_pairs' batch_size, num_workers, progress)."""
+        tuned = embed_pairs(self.model, data, **options)
+        if self.weight == 0:
+            return tuned
+        return mix_pairs(tuned, ridge_pairs(self.ridge, pair_features(self.frozen, data, **options)), self.weight)
+
+    def evaluate(self, data: datasets.Dataset, k: Sequence[int] = (1, 5, 10), **options: Any) -> dict[str, Any]:
+        """Retrieval recall@K per language and pooled, as lilt.evaluate_retrieval gives for one model."""
+        return retrieval_by_lang(self.embed_pairs(data, **options), k)
+
+
+def fit_ridge_ensemble(model: Any, train_data: datasets.Dataset, val_data: datasets.Dataset, *, frozen: Any = None,
+                       weights: Sequence[float] = DEFAULT_WEIGHTS,
+                       **options: Any) -> tuple[RidgeEnsemble, dict[float, float]]:
+    """Fit the ridge map on the frozen towers' features of `train_data`; choose the weight on `val_data`.
+
+    `frozen`: a DualEncoder of the untuned towers (default: built afresh from `model.config`, i.e. the
+    pretrained backbones). Returns the ensemble and each weight's validation mean recall.
+    """
+    if frozen is None:
+        from ..model import DualEncoder
+        frozen = DualEncoder(model.config).to(model.device).eval()
+    train_features, val_features = (pair_features(frozen, d, **options) for d in (train_data, val_data))
+    ridge = fit_ridge(train_features, val=val_features)
+    tuned, mapped = embed_pairs(model, val_data, **options), ridge_pairs(ridge, val_features)
+    tried = {float(w): retrieval_by_lang(mix_pairs(tuned, mapped, float(w)))["all"]["mean_recall"] for w in weights}
+    best = max(tried, key=tried.__getitem__)
+    return RidgeEnsemble(model, frozen, ridge, best), tried

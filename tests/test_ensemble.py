@@ -1,0 +1,59 @@
+"""The tuned-model + ridge-map ensemble: exact mixed scores, images matched via captions, weight on validation."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lilt
+from lilt.errors import ConfigError, DataError
+from lilt.eval import EmbeddedPairs, retrieval_by_lang
+from lilt.eval.ensemble import DEFAULT_WEIGHTS, fit_ridge_ensemble, mix_pairs
+
+
+def _pairs(seed: int, order: torch.Tensor | None = None) -> EmbeddedPairs:
+    g = torch.Generator().manual_seed(seed)
+    images, texts = torch.randn(5, 6, generator=g), torch.randn(8, 6, generator=g)
+    text_image = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
+    if order is not None:  # the same images listed in another order
+        images, text_image = images[order], torch.argsort(order)[text_image]
+    return EmbeddedPairs(images, texts, text_image, ["en"] * 5 + ["sw"] * 3, [])
+
+
+def test_mixed_dot_products_are_the_weighted_cosines_whatever_the_image_order():
+    tuned, mapped = _pairs(0), _pairs(1)
+    shuffled = _pairs(1, order=torch.tensor([3, 0, 4, 1, 2]))
+    mixed = mix_pairs(tuned, shuffled, 0.3)
+    cos = F.normalize(tuned.texts, dim=-1) @ F.normalize(tuned.images, dim=-1).t()
+    cos_mapped = F.normalize(mapped.texts, dim=-1) @ F.normalize(mapped.images, dim=-1).t()
+    assert torch.allclose(mixed.texts @ mixed.images.t(), 0.7 * cos + 0.3 * cos_mapped, atol=1e-6)
+    assert retrieval_by_lang(mix_pairs(tuned, shuffled, 0.0)) == retrieval_by_lang(tuned)
+    assert retrieval_by_lang(mix_pairs(tuned, shuffled, 1.0))["en"] == retrieval_by_lang(mapped)["en"]
+
+
+def test_bad_weights_and_different_tables_are_one_line_errors():
+    with pytest.raises(ConfigError, match=r"weight=1.5 must be in \[0, 1\]"):
+        mix_pairs(_pairs(0), _pairs(1), 1.5)
+    short = EmbeddedPairs(torch.randn(4, 6), torch.randn(8, 6), torch.arange(8) % 4, None, [])
+    with pytest.raises(DataError, match="5 / 4 images"):
+        mix_pairs(_pairs(0), short, 0.5)
+
+
+def test_fit_ridge_ensemble_keeps_the_frozen_towers_and_chooses_on_validation(make_model):
+    model = make_model("vit")
+    lilt.apply_plan(model, "recipes/methods/layernorm.yaml")
+    train = lilt.load_pairs("builtin:tiny-random:train")
+    val, test = lilt.load_pairs("builtin:tiny-random:validation"), lilt.load_pairs("builtin:tiny-random:test")
+    frozen_before = lilt.DualEncoder(model.config).eval()
+    with torch.no_grad():  # "tune" the model: its norms move, the ensemble's frozen side must not
+        for name, p in model.named_parameters():
+            if p.requires_grad and "vision" in name:
+                p.add_(0.5)
+    ensemble, tried = fit_ridge_ensemble(model, train, val)
+    assert sorted(tried) == list(DEFAULT_WEIGHTS) and ensemble.weight == max(tried, key=tried.__getitem__)
+    feats = lilt.eval.embed_pairs(ensemble.frozen, test, features=True)
+    assert torch.allclose(feats.images, lilt.eval.embed_pairs(frozen_before, test, features=True).images)
+    assert not torch.allclose(feats.images, lilt.eval.embed_pairs(model, test, features=True).images)
+    scores = ensemble.evaluate(test)
+    ensemble.weight = 0.0
+    assert ensemble.evaluate(test) == lilt.evaluate_retrieval(model, test)
+    assert set(scores) == set(lilt.evaluate_retrieval(model, test))
