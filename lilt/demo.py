@@ -114,7 +114,8 @@ def run_demo(out_dir: Path, recipe: str | Path = "demo", overrides: Sequence[str
     print("\nTest-split retrieval R@1 (%), over all test emoji of each language:\n" + table)
     if spec.eval.ridge_ensemble:
         print(f"trained = the tuned model's scores mixed with the ridge map's (eval.ridge_ensemble), weight {weight:g} "
-              "chosen on validation")
+              "chosen on validation. The saved model is the tuned one; `lilt eval --ridge-ensemble --train-data "
+              "builtin:emoji-cldr:train --val-data builtin:emoji-cldr:validation` mixes it again.")
     if hubness:
         extra["hubness"] = hubness
         print("scored with the CSLS hubness correction (eval.hubness), k / beta chosen on validation: "
