@@ -60,6 +60,8 @@ def rows() -> list[Row]:
         Row("lwa+hubness", "lever", plan="lwa", hubness=True, note="the same correction on the tuned model"),
         Row("lwa+ridge-ensemble", "lever", plan="lwa", ensemble=True,
             note="scores mixed with the ridge map's on frozen features, weight on validation"),
+        Row("lwa+parallel+ridge-ensemble", "lever", plan="lwa", overrides=parallel, ensemble=True,
+            note="parallel text, scored mixed with the ridge map"),
         Row("lwa+ridge-init", "lever", plan="lwa", overrides=("train.head_init=ridge",),
             note="heads start from the ridge solution"),
         # Its own evaluation interval: --quick turns evaluation during training off, and with only the final
