@@ -1,6 +1,6 @@
 """Output-space ensemble: a tuned model's cosine scores mixed with the ridge map's on its frozen towers' features.
 
-Tuning memorizes the ~training concepts; the closed-form ridge map on the frozen towers keeps what the
+Tuning memorizes the training concepts; the closed-form ridge map on the frozen towers keeps what the
 backbones knew. On concepts no training step saw, `(1 - w) cos(tuned) + w cos(ridge)` with `w` chosen on
 validation retrieves better than either (measured on builtin:emoji-cldr: benchmarks/claims.py's
 `lwa+ridge-ensemble`). It is WiSE-FT's idea - stay close to what the backbones know - in the space of
