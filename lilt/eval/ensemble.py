@@ -2,7 +2,7 @@
 
 Tuning memorizes the training concepts; the closed-form ridge map on the frozen towers keeps what the
 backbones knew. On concepts no training step saw, `(1 - w) cos(tuned) + w cos(ridge)` with `w` chosen on
-validation retrieves better than either (measured on builtin:emoji-cldr: benchmarks/claims.py's
+validation retrieves better on average than either alone (measured on builtin:emoji-cldr: benchmarks/claims.py's
 `lwa+ridge-ensemble`). It is WiSE-FT's idea - stay close to what the backbones know - in the space of
 scores rather than of weights (Wortsman et al. 2022 compare the two), and the ridge side costs one
 closed-form fit. The mix rides in concatenated embeddings, `[sqrt(1-w) tuned, sqrt(w) ridge]`, so every
