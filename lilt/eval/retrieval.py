@@ -10,7 +10,7 @@ computed a block of queries at a time, so the full similarity matrix is never he
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import datasets
 import numpy as np
@@ -23,9 +23,6 @@ from ..finite import check_finite
 from ..data.identity import image_keys
 from ..data.loader import pair_loader
 from ..data.transforms import PairCollator
-
-if TYPE_CHECKING:
-    from .hubness import HubnessBank
 
 
 @dataclass
@@ -199,10 +196,11 @@ def retrieval_by_lang(embedded: EmbeddedPairs, k: Sequence[int] = (1, 5, 10)) ->
 
 def evaluate_retrieval(model: Any, data: datasets.Dataset, k: Sequence[int] = (1, 5, 10), *, batch_size: int = 256,
                        num_workers: int = 0, progress: bool = False,
-                       hubness: "HubnessBank | None" = None) -> dict[str, dict[str, float]]:
+                       hubness: Any = None) -> dict[str, dict[str, float]]:
     """Retrieval recall@K in both directions, per language and pooled, for a DualEncoder on pair data.
 
-    `hubness`: a bank of the model's training embeddings (lilt.eval.hubness) to score with the CSLS correction.
+    `hubness`: a lilt.eval.hubness.HubnessBank of the model's training embeddings, to score with the CSLS
+    correction (typed Any: hubness builds on this module, and the other way round would be an import cycle).
     """
     embedded = embed_pairs(model, data, batch_size=batch_size, num_workers=num_workers, progress=progress)
     return retrieval_by_lang(hubness.correct(embedded) if hubness is not None else embedded, k)
