@@ -34,7 +34,7 @@ from lilt.data.emoji_cldr import load_emoji_cldr  # noqa: E402
 from lilt.data.resolve import resolve_data  # noqa: E402
 from lilt.data.transforms import PairCollator  # noqa: E402
 from lilt.data.loader import pair_loader  # noqa: E402
-from lilt.eval.ensemble import mix_pairs  # noqa: E402
+from lilt.eval.ensemble import choose_weight, mix_pairs  # noqa: E402
 from lilt.eval.hubness import HubnessBank, choose_hubness  # noqa: E402
 from lilt.eval.retrieval import (EmbeddedPairs, embed_pairs, evaluate_retrieval, image_keys, recall_at_k,  # noqa: E402
                                  retrieval_by_lang)
@@ -220,18 +220,13 @@ class Bench:
         frozen = {name: self.frozen.of(d) for name, d in (("train", train_data), ("val", val_data),
                                                           ("test", self.test))}
         ridge = fit_ridge(frozen["train"], val=frozen["val"])
-
-        def mix(tuned: EmbeddedPairs, features: EmbeddedPairs, w: float) -> EmbeddedPairs:
-            return mix_pairs(tuned, ridge_pairs(ridge, features), w)
-
-        val_pairs, test_pairs = embed_pairs(model, val_data, **workers), embed_pairs(model, self.test, **workers)
-        tried = {w: retrieval_by_lang(mix(val_pairs, frozen["val"], w))["all"] for w in (0.0, 0.25, 0.5, 0.75)}
-        w = max(tried, key=lambda x: tried[x]["mean_recall"])
+        w, tried = choose_weight(embed_pairs(model, val_data, **workers), ridge_pairs(ridge, frozen["val"]))
         result.setdefault("levers", {}).update(ensemble_weight=w,
                                                ensemble_val={f"{x:g}": v["mean_recall"] for x, v in tried.items()})
         result["val"] = tried[w]
+        test_pairs = embed_pairs(model, self.test, **workers)
         result["test_uncorrected"] = _r1(retrieval_by_lang(test_pairs))
-        result["test"] = _r1(retrieval_by_lang(mix(test_pairs, frozen["test"], w)))
+        result["test"] = _r1(retrieval_by_lang(mix_pairs(test_pairs, ridge_pairs(ridge, frozen["test"]), w)))
 
     @staticmethod
     def choose_hubness(train_pairs: EmbeddedPairs, val_pairs: EmbeddedPairs, result: dict[str, Any]) -> HubnessBank:
@@ -326,13 +321,13 @@ def summarize(found: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             entry[split] = {lang: {d: collect((split, lang, d)) for d in ("i2t", "t2i")}
                             for lang in (results[0].get(split) or {})}
         entry["zero_pair"] = {d: collect(("zero_pair", d)) for d in ("i2t", "t2i")}
-        if all(r.get("test_uncorrected") for r in results):  # hubness rows: each seed's gain over its own model
+        if all(r.get("test_uncorrected") for r in results):  # scoring-time levers: each seed's gain over its model
             paired = [{**{f"{x} {d}": r["test"][x][d] - r["test_uncorrected"][x][d] for x in ("en", "sw", "yo")
                           for d in ("i2t", "t2i")},
                        **{f"zero-pair {d}": statistics.mean(r["test"][x][d] - r["test_uncorrected"][x][d]
                                                             for x in ZERO_PAIR) for d in ("i2t", "t2i")}}
                       for r in results]
-            entry["hubness_gain"] = {key: stat([p[key] for p in paired]) for key in paired[0]}
+            entry["scoring_gain"] = {key: stat([p[key] for p in paired]) for key in paired[0]}
         entry["conservation"] = {lang: collect(("conservation", lang)) for lang in CONSERVE_LANGS}
         entry["train_pairs"] = results[0].get("train_pairs")
         entry["levers"] = [r.get("levers") for r in results if r.get("levers")]

@@ -144,9 +144,9 @@ def markdown(summary: dict[str, Any], lrs: dict[str, float], quick: bool) -> str
                       fmt(e["train_split"].get("en", {}).get("i2t")), fmt(gap), fmt(e["val_mean_recall"])]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
-    corrected = [n for n in summary if summary[n].get("hubness_gain")]
+    corrected = [n for n in summary if summary[n].get("scoring_gain")]
     if corrected:
-        keys = list(summary[corrected[0]]["hubness_gain"])
+        keys = list(summary[corrected[0]]["scoring_gain"])
         lines += ["## Scoring-time levers: each seed's model scored without and with it (test R@1 gain, points)", "",
                   "| row | seeds | chosen on validation | " + " | ".join(keys) + " |",
                   "|" + "---|" * (3 + len(keys))]
@@ -155,8 +155,8 @@ def markdown(summary: dict[str, Any], lrs: dict[str, float], quick: bool) -> str
             chosen = ", ".join(f"k {lv['hubness_k']} beta {lv['hubness_beta']:g}" if "hubness_k" in lv
                                else f"w {lv['ensemble_weight']:g}" for lv in e["levers"])
             lines.append(f"| {name} | {len(e['seeds'])} | {chosen} | "
-                         + " | ".join(f"{e['hubness_gain'][k]['mean']:+.1f} ({e['hubness_gain'][k]['min']:+.1f}.."
-                                      f"{e['hubness_gain'][k]['max']:+.1f})" for k in keys) + " |")
+                         + " | ".join(f"{e['scoring_gain'][k]['mean']:+.1f} ({e['scoring_gain'][k]['min']:+.1f}.."
+                                      f"{e['scoring_gain'][k]['max']:+.1f})" for k in keys) + " |")
         lines.append("")
     conserved = [n for n in summary if summary[n]["group"] == "method" and summary[n]["conservation"].get("sw")]
     if conserved:

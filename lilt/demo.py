@@ -27,7 +27,7 @@ from ._io import write_json, write_text
 from .config import DataConfig
 from .data.resolve import resolve_data
 from .errors import ConfigError
-from .eval.ensemble import DEFAULT_WEIGHTS, mix_pairs
+from .eval.ensemble import choose_weight, mix_pairs
 from .eval.hubness import choose_hubness
 from .eval.retrieval import EmbeddedPairs, embed_pairs, retrieval_by_lang
 from .model import DualEncoder
@@ -105,9 +105,9 @@ def run_demo(out_dir: Path, recipe: str | Path = "demo", overrides: Sequence[str
     extra: dict[str, Any] = {}
     weight = 0.0
     if spec.eval.ridge_ensemble:  # the trained model's scores mixed with the ridge map's, weight on validation
-        tried = {w: retrieval_by_lang(trained(VAL, w))["all"]["mean_recall"] for w in DEFAULT_WEIGHTS}
-        weight = max(tried, key=tried.__getitem__)
-        extra["ridge_ensemble"] = {"weight": weight, "val_mean_recall": {f"{w:g}": v for w, v in tried.items()}}
+        weight, tried = choose_weight(trained(VAL), ridge_pairs(ridge, features[VAL]))
+        extra["ridge_ensemble"] = {"weight": weight,
+                                   "val_mean_recall": {f"{w:g}": v["mean_recall"] for w, v in tried.items()}}
     results["trained"] = scored("trained", lambda i: trained(i, weight))
 
     table = format_table(results, counts)

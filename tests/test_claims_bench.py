@@ -66,8 +66,8 @@ def test_hubness_rows_report_each_seeds_gain_over_its_own_uncorrected_model(tmp_
         _write(tmp_path, result)
     _write(tmp_path, _result("lwa", 0, 20.0))
     summary = claims.summarize(claims.load_results(tmp_path, quick=False))
-    assert "hubness_gain" not in summary["lwa"]
-    assert summary["lwa+hubness"]["hubness_gain"]["en i2t"] == pytest.approx(
+    assert "scoring_gain" not in summary["lwa"]
+    assert summary["lwa+hubness"]["scoring_gain"]["en i2t"] == pytest.approx(
         {"mean": 1.0, "min": 0.5, "max": 1.5, "n": 2})
     text = claims.report(tmp_path, quick=False, results=tmp_path)
     assert "| lwa+hubness | 2 | k 10 beta 0.25, k 10 beta 0.5 | +1.0 (+0.5..+1.5) |" in text

@@ -46,6 +46,13 @@ def mix_pairs(tuned: EmbeddedPairs, mapped: EmbeddedPairs, weight: float) -> Emb
     return EmbeddedPairs(images, texts, tuned.text_image, tuned.langs, tuned.skipped)
 
 
+def choose_weight(tuned: EmbeddedPairs, mapped: EmbeddedPairs, weights: Sequence[float] = DEFAULT_WEIGHTS
+                  ) -> tuple[float, dict[float, dict[str, float]]]:
+    """The weight with the best pooled mean recall on these (validation) pairs, and each weight's pooled scores."""
+    tried = {float(w): retrieval_by_lang(mix_pairs(tuned, mapped, float(w)))["all"] for w in weights}
+    return max(tried, key=lambda w: tried[w]["mean_recall"]), tried
+
+
 @dataclass
 class RidgeEnsemble:
     """A tuned DualEncoder, the same towers frozen, and a ridge map between the frozen features: one retriever."""
@@ -80,7 +87,5 @@ def fit_ridge_ensemble(model: Any, train_data: datasets.Dataset, val_data: datas
         frozen = DualEncoder(model.config).to(model.device).eval()
     train_features, val_features = (pair_features(frozen, d, **options) for d in (train_data, val_data))
     ridge = fit_ridge(train_features, val=val_features)
-    tuned, mapped = embed_pairs(model, val_data, **options), ridge_pairs(ridge, val_features)
-    tried = {float(w): retrieval_by_lang(mix_pairs(tuned, mapped, float(w)))["all"]["mean_recall"] for w in weights}
-    best = max(tried, key=tried.__getitem__)
-    return RidgeEnsemble(model, frozen, ridge, best), tried
+    best, tried = choose_weight(embed_pairs(model, val_data, **options), ridge_pairs(ridge, val_features), weights)
+    return RidgeEnsemble(model, frozen, ridge, best), {w: v["mean_recall"] for w, v in tried.items()}
