@@ -36,6 +36,8 @@ from lilt.data.transforms import PairCollator  # noqa: E402
 from lilt.data.loader import pair_loader  # noqa: E402
 from lilt.eval.ensemble import choose_weight, mix_pairs  # noqa: E402
 from lilt.eval.hubness import HubnessBank, choose_hubness  # noqa: E402
+from lilt.eval.translate import TranslationMaps, choose_translation, embed_parallel  # noqa: E402
+from lilt.data.parallel import load_parallel  # noqa: E402
 from lilt.eval.retrieval import (EmbeddedPairs, embed_pairs, evaluate_retrieval, image_keys, recall_at_k,  # noqa: E402
                                  retrieval_by_lang)
 from lilt.model import DualEncoder  # noqa: E402
@@ -65,6 +67,7 @@ class Row:
     val_only: bool = False  # an lr row: scored on validation only (it chooses, it is not reported)
     hubness: bool = False  # score with the CSLS correction, k and beta chosen on validation (lilt.eval.hubness)
     ensemble: bool = False  # score with the tuned model's cosine mixed with the ridge map's, weight on validation
+    translate: bool = False  # translate captions with maps fitted on data.parallel, chosen on validation
     seeds: tuple[int, ...] = SEEDS
 
 
@@ -158,16 +161,21 @@ class Bench:
             result["noisy_share"] = float(sum(train_data["noisy"])) / max(len(train_data), 1)
         if row.kind == "ridge":
             ridge = fit_ridge(self.frozen.of(train_data), val=self.frozen.of(val_data))
+            maps = self.ridge_translation(ridge, spec, val_data, result) if row.translate else None
+
+            def mapped(data: Any) -> EmbeddedPairs:
+                pairs = ridge_pairs(ridge, self.frozen.of(data))
+                return maps.apply(pairs) if maps is not None else pairs
+
             bank = None
             if row.hubness:
-                bank = self.choose_hubness(ridge_pairs(ridge, self.frozen.of(train_data)),
-                                           ridge_pairs(ridge, self.frozen.of(val_data)), result)
-            val = ridge_retrieval(ridge, self.frozen.of(val_data), hubness=bank)["all"]
-            if bank is not None:  # the same map's uncorrected scores: a paired comparison, seed noise cancels
+                bank = self.choose_hubness(mapped(train_data), mapped(val_data), result)
+            scored = (lambda pairs: bank.correct(pairs)) if bank is not None else (lambda pairs: pairs)
+            if bank is not None or maps is not None:  # the same map's plain scores: a paired comparison
                 result["test_uncorrected"] = _r1(ridge_retrieval(ridge, self.frozen.of(self.test)))
-            result.update(trainable_percent=0.0, val=val,
-                          test=_r1(ridge_retrieval(ridge, self.frozen.of(self.test), hubness=bank)),
-                          train_split=_r1(ridge_retrieval(ridge, self.frozen.of(self.train_sample), hubness=bank)),
+            result.update(trainable_percent=0.0, val=retrieval_by_lang(scored(mapped(val_data)))["all"],
+                          test=_r1(retrieval_by_lang(scored(mapped(self.test)))),
+                          train_split=_r1(retrieval_by_lang(scored(mapped(self.train_sample)))),
                           conservation=self.frozen_conservation, ridge_alpha=ridge.alpha)
             return _finish(result, start)
         torch.manual_seed(seed)
@@ -206,27 +214,59 @@ class Bench:
             test_pairs = embed_pairs(model, self.test, **workers)
             result["test_uncorrected"] = _r1(retrieval_by_lang(test_pairs))
             result["test"] = _r1(retrieval_by_lang(bank.correct(test_pairs)))
-        elif row.ensemble:
-            self.ensemble(model, train_data, val_data, result, workers)
+        elif row.ensemble or row.translate:
+            self.ensemble(model, spec, train_data, val_data, result, workers, row)
         else:
             result["test"] = _r1(evaluate_retrieval(model, self.test, **workers))
         result["train_split"] = _r1(evaluate_retrieval(model, self.train_sample, **workers, hubness=bank))
         result["conservation"] = self.conservation(model)
         return _finish(result, start)
 
-    def ensemble(self, model: DualEncoder, train_data: Any, val_data: Any, result: dict[str, Any],
-                 workers: dict[str, Any]) -> None:
-        """Output-space ensemble: (1 - w) cos(tuned) + w cos(ridge map on frozen features), w on validation."""
+    def ensemble(self, model: DualEncoder, spec: Recipe, train_data: Any, val_data: Any, result: dict[str, Any],
+                 workers: dict[str, Any], row: Row) -> None:
+        """Scoring-time levers on a tuned model: translation maps (row.translate) and/or the output-space ensemble
+        (1 - w) cos(tuned) + w cos(ridge map on frozen features) (row.ensemble), each chosen on validation."""
+        tuned = {"val": embed_pairs(model, val_data, **workers), "test": embed_pairs(model, self.test, **workers)}
+        result["test_uncorrected"] = _r1(retrieval_by_lang(tuned["test"]))
+        if row.translate:
+            table = load_parallel(spec.data.parallel, spec.data.parallel_targets(), spec.data.parallel_per_lang,
+                                  pivot=spec.data.parallel_pivot, seed=spec.train.seed, options=spec.data.options)
+            maps, tried = choose_translation(*embed_parallel(model, table, batch_size=workers["batch_size"]),
+                                             tuned["val"])
+            self.note_translation(maps, tried, result, "translation")
+            tuned = {k: maps.apply(v) for k, v in tuned.items()}
+        if not row.ensemble:
+            result["val"] = retrieval_by_lang(tuned["val"])["all"]
+            result["test"] = _r1(retrieval_by_lang(tuned["test"]))
+            return
         frozen = {name: self.frozen.of(d) for name, d in (("train", train_data), ("val", val_data),
                                                           ("test", self.test))}
         ridge = fit_ridge(frozen["train"], val=frozen["val"])
-        w, tried = choose_weight(embed_pairs(model, val_data, **workers), ridge_pairs(ridge, frozen["val"]))
+        side = {k: ridge_pairs(ridge, frozen[k]) for k in ("val", "test")}
+        if row.translate:
+            maps = self.ridge_translation(ridge, spec, val_data, result)
+            side = {k: maps.apply(v) for k, v in side.items()}
+        w, tried = choose_weight(tuned["val"], side["val"])
         result.setdefault("levers", {}).update(ensemble_weight=w,
                                                ensemble_val={f"{x:g}": v["mean_recall"] for x, v in tried.items()})
         result["val"] = tried[w]
-        test_pairs = embed_pairs(model, self.test, **workers)
-        result["test_uncorrected"] = _r1(retrieval_by_lang(test_pairs))
-        result["test"] = _r1(retrieval_by_lang(mix_pairs(test_pairs, ridge_pairs(ridge, frozen["test"]), w)))
+        result["test"] = _r1(retrieval_by_lang(mix_pairs(tuned["test"], side["test"], w)))
+
+    def ridge_translation(self, ridge: Any, spec: Recipe, val_data: Any, result: dict[str, Any]) -> TranslationMaps:
+        """Translation maps of data.parallel in the ridge map's text space, chosen on validation (noted in result)."""
+        table = load_parallel(spec.data.parallel, spec.data.parallel_targets(), spec.data.parallel_per_lang,
+                              pivot=spec.data.parallel_pivot, seed=spec.train.seed, options=spec.data.options)
+        embedded = embed_parallel(self.frozen.model, table, features=True, transform=ridge.embed_texts)
+        maps, tried = choose_translation(*embedded, ridge_pairs(ridge, self.frozen.of(val_data)))
+        self.note_translation(maps, tried, result, "ridge_translation")
+        return maps
+
+    @staticmethod
+    def note_translation(maps: TranslationMaps, tried: dict[str, Any], result: dict[str, Any], key: str) -> None:
+        """Record the chosen alpha and strength per language."""
+        result.setdefault("levers", {})[key] = {
+            lang: {"alpha": maps.maps[lang].alpha, "strength": maps.strength[lang], "val": tried[lang]}
+            for lang in maps.maps}
 
     @staticmethod
     def choose_hubness(train_pairs: EmbeddedPairs, val_pairs: EmbeddedPairs, result: dict[str, Any]) -> HubnessBank:

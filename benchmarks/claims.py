@@ -62,6 +62,16 @@ def rows() -> list[Row]:
             note="scores mixed with the ridge map's on frozen features, weight on validation"),
         Row("lwa+parallel+ridge-ensemble", "lever", plan="lwa", overrides=parallel, ensemble=True,
             note="parallel text, scored mixed with the ridge map"),
+        Row("ridge+translate", "lever", "ridge", overrides=parallel, translate=True,
+            note="captions translated by per-language ridge maps fitted on the parallel text (lilt.eval.translate)"),
+        Row("lwa+translate", "lever", plan="lwa", overrides=(*parallel, "train.parallel_weight=0"), translate=True,
+            note="the same maps on the tuned model; the parallel text used only for them"),
+        Row("lwa+parallel+translate", "lever", plan="lwa", overrides=parallel, translate=True,
+            note="the text-to-text term in training, and the maps"),
+        Row("lwa+translate+ridge-ensemble", "lever", plan="lwa", overrides=(*parallel, "train.parallel_weight=0"),
+            translate=True, ensemble=True, note="maps on both sides of the ridge ensemble"),
+        Row("lwa+parallel+translate+ridge-ensemble", "lever", plan="lwa", overrides=parallel, translate=True,
+            ensemble=True, note="the text-to-text term, the maps, the ensemble"),
         Row("lwa+ridge-init", "lever", plan="lwa", overrides=("train.head_init=ridge",),
             note="heads start from the ridge solution"),
         # Its own evaluation interval: --quick turns evaluation during training off, and with only the final
@@ -111,6 +121,20 @@ def chosen_lrs(found: dict[str, list[dict[str, Any]]]) -> dict[str, float]:
     return {plan: lr for plan, (_, lr) in best.items()}
 
 
+def chosen_levers(levers: dict[str, Any]) -> str:
+    """What validation chose for one seed's scoring-time levers, in a few words."""
+    parts = []
+    if "hubness_k" in levers:
+        parts.append(f"k {levers['hubness_k']} beta {levers['hubness_beta']:g}")
+    for key, what in (("translation", "translate"), ("ridge_translation", "ridge side")):
+        if key in levers:
+            parts.append(f"{what} " + " ".join(f"{lang} a{m['alpha']:g}/s{m['strength']:g}"
+                                               for lang, m in levers[key].items()))
+    if "ensemble_weight" in levers:
+        parts.append(f"w {levers['ensemble_weight']:g}")
+    return "; ".join(parts)
+
+
 def markdown(summary: dict[str, Any], lrs: dict[str, float], quick: bool) -> str:
     """The claims tables."""
     how = "quick: 60 steps; mean (min-max) over the seeds each row has" if quick else "mean (min-max) over seeds"
@@ -152,8 +176,7 @@ def markdown(summary: dict[str, Any], lrs: dict[str, float], quick: bool) -> str
                   "|" + "---|" * (3 + len(keys))]
         for name in corrected:
             e = summary[name]
-            chosen = ", ".join(f"k {lv['hubness_k']} beta {lv['hubness_beta']:g}" if "hubness_k" in lv
-                               else f"w {lv['ensemble_weight']:g}" for lv in e["levers"])
+            chosen = ", ".join(chosen_levers(lv) for lv in e["levers"])
             lines.append(f"| {name} | {len(e['seeds'])} | {chosen} | "
                          + " | ".join(f"{e['scoring_gain'][k]['mean']:+.1f} ({e['scoring_gain'][k]['min']:+.1f}.."
                                       f"{e['scoring_gain'][k]['max']:+.1f})" for k in keys) + " |")
