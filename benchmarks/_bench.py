@@ -37,7 +37,7 @@ from lilt.data.loader import pair_loader  # noqa: E402
 from lilt.eval.ensemble import choose_weight, mix_pairs  # noqa: E402
 from lilt.eval.hubness import HubnessBank, choose_hubness  # noqa: E402
 from lilt.eval.translate import TranslationMaps, choose_translation, embed_parallel  # noqa: E402
-from lilt.data.parallel import load_parallel  # noqa: E402
+from lilt.data.parallel import parallel_of  # noqa: E402
 from lilt.eval.retrieval import (EmbeddedPairs, embed_pairs, evaluate_retrieval, image_keys, recall_at_k,  # noqa: E402
                                  retrieval_by_lang)
 from lilt.model import DualEncoder  # noqa: E402
@@ -134,12 +134,24 @@ class Bench:
                                             "langs": EVAL_LANGS})
         self.test, _, _ = resolve_data(None, test_config, 0)
         _, self.val, _ = resolve_data(None, spec.data, 0)  # the demo's languages (en, sw, yo): lever choices
+        self.vals: dict[tuple[str, ...], Any] = {}
         n_test = len(set(self.test["emoji"]))
         train_en = load_emoji_cldr("train", langs=["en"])
         keep = torch.randperm(len(train_en), generator=torch.Generator().manual_seed(0))[:n_test].sort().values
         self.train_sample = train_en.select(keep.tolist())  # as many training emoji as test emoji: equal galleries
         self.conserve = load_emoji_cldr("test", langs=["en", *CONSERVE_LANGS])
         self.frozen_conservation = self.conservation(self.frozen.model)
+
+    def val_in(self, langs: Sequence[str]) -> Any:
+        """Validation pairs in the demo's languages and `langs` (a translation map is chosen in its language)."""
+        have = set(self.val["lang"])
+        if set(langs) <= have:
+            return self.val
+        key = tuple(sorted(have | set(langs)))
+        if key not in self.vals:
+            spec = Recipe.from_file(DEMO, [*self.base, f"data.langs=[{', '.join(key)}]"])
+            _, self.vals[key], _ = resolve_data(None, spec.data, 0)
+        return self.vals[key]
 
     def recipe(self, row: Row, seed: int, lrs: dict[str, float]) -> Recipe:
         lr = [f"train.lr={lrs[row.plan]}"] if row.plan in lrs and not any("train.lr" in o for o in row.overrides) \
@@ -161,7 +173,7 @@ class Bench:
             result["noisy_share"] = float(sum(train_data["noisy"])) / max(len(train_data), 1)
         if row.kind == "ridge":
             ridge = fit_ridge(self.frozen.of(train_data), val=self.frozen.of(val_data))
-            maps = self.ridge_translation(ridge, spec, val_data, result) if row.translate else None
+            maps = self.ridge_translation(ridge, spec, result) if row.translate else None
 
             def mapped(data: Any) -> EmbeddedPairs:
                 pairs = ridge_pairs(ridge, self.frozen.of(data))
@@ -229,10 +241,11 @@ class Bench:
         tuned = {"val": embed_pairs(model, val_data, **workers), "test": embed_pairs(model, self.test, **workers)}
         result["test_uncorrected"] = _r1(retrieval_by_lang(tuned["test"]))
         if row.translate:
-            table = load_parallel(spec.data.parallel, spec.data.parallel_targets(), spec.data.parallel_per_lang,
-                                  pivot=spec.data.parallel_pivot, seed=spec.train.seed, options=spec.data.options)
+            table = parallel_of(spec.data, spec.train.seed)
+            choice = self.val_in(spec.data.parallel_targets())
             maps, tried = choose_translation(*embed_parallel(model, table, batch_size=workers["batch_size"]),
-                                             tuned["val"])
+                                             tuned["val"] if choice is val_data else embed_pairs(model, choice,
+                                                                                                 **workers))
             self.note_translation(maps, tried, result, "translation")
             tuned = {k: maps.apply(v) for k, v in tuned.items()}
         if not row.ensemble:
@@ -244,7 +257,7 @@ class Bench:
         ridge = fit_ridge(frozen["train"], val=frozen["val"])
         side = {k: ridge_pairs(ridge, frozen[k]) for k in ("val", "test")}
         if row.translate:
-            maps = self.ridge_translation(ridge, spec, val_data, result)
+            maps = self.ridge_translation(ridge, spec, result)
             side = {k: maps.apply(v) for k, v in side.items()}
         w, tried = choose_weight(tuned["val"], side["val"])
         result.setdefault("levers", {}).update(ensemble_weight=w,
@@ -252,12 +265,12 @@ class Bench:
         result["val"] = tried[w]
         result["test"] = _r1(retrieval_by_lang(mix_pairs(tuned["test"], side["test"], w)))
 
-    def ridge_translation(self, ridge: Any, spec: Recipe, val_data: Any, result: dict[str, Any]) -> TranslationMaps:
+    def ridge_translation(self, ridge: Any, spec: Recipe, result: dict[str, Any]) -> TranslationMaps:
         """Translation maps of data.parallel in the ridge map's text space, chosen on validation (noted in result)."""
-        table = load_parallel(spec.data.parallel, spec.data.parallel_targets(), spec.data.parallel_per_lang,
-                              pivot=spec.data.parallel_pivot, seed=spec.train.seed, options=spec.data.options)
-        embedded = embed_parallel(self.frozen.model, table, features=True, transform=ridge.embed_texts)
-        maps, tried = choose_translation(*embedded, ridge_pairs(ridge, self.frozen.of(val_data)))
+        embedded = embed_parallel(self.frozen.model, parallel_of(spec.data, spec.train.seed), features=True,
+                                  transform=ridge.embed_texts)
+        choice = self.val_in(spec.data.parallel_targets())
+        maps, tried = choose_translation(*embedded, ridge_pairs(ridge, self.frozen.of(choice)))
         self.note_translation(maps, tried, result, "ridge_translation")
         return maps
 

@@ -95,7 +95,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                            classnames=args.classnames, templates=args.templates, train_data=args.train_data,
                            label_column=args.label_column, batch_size=args.batch_size, num_workers=args.num_workers,
                            split=args.split, columns=_columns(args), hubness=args.hubness,
-                           ridge_ensemble=args.ridge_ensemble, val_data=args.val_data)
+                           ridge_ensemble=args.ridge_ensemble, val_data=args.val_data, parallel=args.parallel,
+                           parallel_langs=args.parallel_langs)
     print(markdown_table(rows))
     print("\n" + "\n".join(f"{kind}: {path}" for kind, path in paths.items()))
     return 0
@@ -351,6 +352,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "--train-data (see README, Evaluation)")
     ev.add_argument("--ridge-ensemble", action="store_true", help="retrieval mixed with a ridge map on the frozen "
                     "towers' features of --train-data (see README, Evaluation)")
+    ev.add_argument("--parallel", help="retrieval with captions translated by maps fitted on this parallel text "
+                    "(builtin:emoji-cldr or a source/target/lang table), strength chosen on --val-data")
+    ev.add_argument("--parallel-langs", nargs="+", help="--parallel: its target languages (needed for "
+                    "builtin:emoji-cldr, e.g. sw yo)")
     ev.add_argument("--label-column", default="label", help="zero-shot / linear probe: the label column")
     embed = sub.add_parser("embed", help="export image or caption embeddings of a dataset for search")
     embed.add_argument("--model", required=True)

@@ -8,7 +8,9 @@ Four models are compared on the test emoji (never seen in training), per caption
 Languages listed under `eval.langs` but absent from the training data show zero-shot transfer through the
 multilingual text tower. With `eval.hubness`, all four are scored with the CSLS hubness correction, each
 against a bank of its own training embeddings at the k and beta its validation split prefers. With
-`eval.ridge_ensemble`, the trained model's scores are mixed with the ridge map's (lilt.eval.ensemble).
+`eval.ridge_ensemble`, the trained model's scores are mixed with the ridge map's (lilt.eval.ensemble). With
+`eval.translate`, each model's captions in data.parallel's languages are moved by translation maps fitted
+on that parallel text in the model's own space (lilt.eval.translate), strength chosen on validation.
 """
 
 from __future__ import annotations
@@ -25,11 +27,13 @@ import torch.nn.functional as F
 from .baselines import fit_ridge, pair_features, ridge_pairs
 from ._io import write_json, write_text
 from .config import DataConfig
+from .data.parallel import parallel_of
 from .data.resolve import resolve_data
 from .errors import ConfigError
 from .eval.ensemble import choose_weight, mix_pairs
 from .eval.hubness import choose_hubness
 from .eval.retrieval import EmbeddedPairs, embed_pairs, retrieval_by_lang
+from .eval.translate import choose_translation, embed_parallel
 from .model import DualEncoder
 from .plan import apply_plan, budget
 from .recipe import Recipe
@@ -43,8 +47,14 @@ def head_embeddings(model: DualEncoder, features: EmbeddedPairs) -> EmbeddedPair
     """Embeddings from precomputed frozen-tower features through the model's (untrained) heads."""
     with torch.inference_mode():
         images = F.normalize(model.vision_proj(features.images.to(model.device)), dim=-1).cpu()
-        texts = F.normalize(model.text_proj(features.texts.to(model.device)), dim=-1).cpu()
-    return EmbeddedPairs(images, texts, features.text_image, features.langs, features.skipped)
+    return EmbeddedPairs(images, head_texts(model, features.texts), features.text_image, features.langs,
+                         features.skipped)
+
+
+def head_texts(model: DualEncoder, features: torch.Tensor) -> torch.Tensor:
+    """Caption embeddings from frozen text-tower features through the model's text head."""
+    with torch.inference_mode():
+        return F.normalize(model.text_proj(features.to(model.device)), dim=-1).cpu()
 
 
 def run_demo(out_dir: Path, recipe: str | Path = "demo", overrides: Sequence[str] = ()) -> int:
@@ -68,6 +78,24 @@ def run_demo(out_dir: Path, recipe: str | Path = "demo", overrides: Sequence[str
           f"{len(test_data)} captions in {len(set(test_data['lang']))} languages\n")
 
     hubness: dict[str, dict[str, float]] = {}
+    translation: dict[str, dict[str, dict[str, float]]] = {}
+    parallel = parallel_of(data_config, train_config.seed) if spec.eval.translate else None
+
+    def translated(name: str, embed: Callable[[int], EmbeddedPairs],
+                   space: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Callable[[int], EmbeddedPairs]:
+        """`embed` with captions moved by translation maps chosen on embed(VAL) (eval.translate); else `embed`.
+
+        The parallel text is embedded like the captions: by the model itself, or (`space`) from the frozen
+        text tower's features mapped the way that model maps caption features."""
+        if parallel is None:
+            return embed
+        if space is None:
+            source, target, langs = embed_parallel(model, parallel, batch_size=train_config.eval_batch_size)
+        else:
+            source, target, langs = space(frozen_parallel[0]), space(frozen_parallel[1]), frozen_parallel[2]
+        maps, _ = choose_translation(source, target, langs, embed(VAL))
+        translation[name] = {lang: {"alpha": m.alpha, "strength": maps.strength[lang]} for lang, m in maps.maps.items()}
+        return lambda i: maps.apply(embed(i))
 
     def scored(name: str, embed: Callable[[int], EmbeddedPairs]) -> dict[str, dict[str, float]]:
         """R@1 per language of embed(TEST); with eval.hubness, corrected by a bank of embed(TRAIN)."""
@@ -82,30 +110,40 @@ def run_demo(out_dir: Path, recipe: str | Path = "demo", overrides: Sequence[str
     tables = (test_data, train_data, val_data)  # indexed by TEST, TRAIN, VAL
     features = [pair_features(model, data, **workers) for data in tables]
     train_features, val_features = features[TRAIN], features[VAL]
-    results = {"untrained": scored("untrained", lambda i: head_embeddings(model, features[i]))}
+    if parallel is not None:  # before training moves the text tower: the frozen features of the parallel text
+        frozen_parallel = embed_parallel(model, parallel, features=True, batch_size=train_config.eval_batch_size)
+    results = {"untrained": scored("untrained", translated(
+        "untrained", lambda i: head_embeddings(model, features[i]), lambda t: head_texts(model, t)))}
     ridge = fit_ridge(train_features, val=val_features)
-    results["ridge"] = scored("ridge", lambda i: ridge_pairs(ridge, features[i]))
+    ridge_side = translated("ridge", lambda i: ridge_pairs(ridge, features[i]), ridge.embed_texts)
+    results["ridge"] = scored("ridge", ridge_side)
     print(f"    ridge map fitted (alpha {ridge.alpha:g}) in {time.perf_counter() - start:.0f} s\n")
 
     if train_config.head_warmup_epochs or train_config.head_init == "ridge":  # here, to score the heads alone
         warm_up_heads(model, train_data, train_config, features=train_features, val=val_features)
         train_config = dataclasses.replace(train_config, head_warmup_epochs=0, head_init="random")
-    results["heads"] = scored("heads", lambda i: head_embeddings(model, features[i]))
+    results["heads"] = scored("heads", translated("heads", lambda i: head_embeddings(model, features[i]),
+                                                  lambda t: head_texts(model, t)))
 
     print(f"2/3 training {train_config.steps} steps of batch {train_config.batch_size} ...", flush=True)
     run = train(model, train_data, train_config, data_config=data_config, val_data=val_data)
     print(f"    {run.samples_per_second:.1f} samples/s\n\n3/3 evaluating the trained model ...", flush=True)
     tuned: dict[int, EmbeddedPairs] = {}
 
-    def trained(i: int, weight: float = 0.0) -> EmbeddedPairs:
+    def embed_tuned(i: int) -> EmbeddedPairs:
         if i not in tuned:
             tuned[i] = embed_pairs(model, tables[i], **workers)
-        return mix_pairs(tuned[i], ridge_pairs(ridge, features[i]), weight) if weight else tuned[i]
+        return tuned[i]
+
+    tuned_side = translated("trained", embed_tuned)
+
+    def trained(i: int, weight: float = 0.0) -> EmbeddedPairs:
+        return mix_pairs(tuned_side(i), ridge_side(i), weight) if weight else tuned_side(i)
 
     extra: dict[str, Any] = {}
     weight = 0.0
     if spec.eval.ridge_ensemble:  # the trained model's scores mixed with the ridge map's, weight on validation
-        weight, tried = choose_weight(trained(VAL), ridge_pairs(ridge, features[VAL]))
+        weight, tried = choose_weight(trained(VAL), ridge_side(VAL))
         extra["ridge_ensemble"] = {"weight": weight,
                                    "val_mean_recall": {f"{w:g}": v["mean_recall"] for w, v in tried.items()}}
     results["trained"] = scored("trained", lambda i: trained(i, weight))
@@ -116,6 +154,12 @@ def run_demo(out_dir: Path, recipe: str | Path = "demo", overrides: Sequence[str
         print(f"trained = the tuned model's scores mixed with the ridge map's (eval.ridge_ensemble), weight {weight:g} "
               "chosen on validation. The saved model is the tuned one; `lilt eval --ridge-ensemble --train-data "
               "builtin:emoji-cldr:train --val-data builtin:emoji-cldr:validation` mixes it again.")
+    if translation:
+        extra["translation"] = translation
+        chosen = "; ".join(f"{name} " + ", ".join(f"{lang} {m['strength']:g}" for lang, m in maps.items())
+                           for name, maps in translation.items())
+        print(f"captions translated by maps fitted on the parallel text (eval.translate), strength per language "
+              f"chosen on validation: {chosen}")
     if hubness:
         extra["hubness"] = hubness
         print("scored with the CSLS hubness correction (eval.hubness), k / beta chosen on validation: "

@@ -113,6 +113,8 @@ class EvalConfig(ConfigBase):
                          "embeddings, k and beta chosen on the validation split (lilt.eval.hubness)")
     ridge_ensemble: bool = knob(False, "score the trained model mixed with the ridge map on its frozen towers' "
                                 "features, the weight chosen on the validation split (lilt.eval.ensemble)")
+    translate: bool = knob(False, "translate captions in data.parallel's languages by maps fitted on that parallel "
+                           "text, strength chosen per language on the validation split (lilt.eval.translate)")
 
     def validate(self) -> None:
         if self.langs is not None and (not self.langs or not all(self.langs)):
@@ -171,6 +173,9 @@ class Recipe(ConfigBase):
     init: InitConfig | None = knob(None, "start from a saved model instead of fresh heads")
 
     def validate(self) -> None:
+        if self.eval.translate and self.data.parallel is None:
+            raise ConfigError("eval.translate fits its maps on parallel text: set data.parallel (e.g. "
+                              "builtin:emoji-cldr, with data.parallel_langs: [sw]), or drop eval.translate.")
         if self.init is not None and self.init.swap_text is None and self.plan is not None:
             raise ConfigError(f"init.from={self.init.source!r} keeps that model's plan; drop the recipe's 'plan:' "
                               "section (or add init.swap_text to re-plan the text side).")

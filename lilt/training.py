@@ -37,7 +37,7 @@ from .data import PairCollator, image_transform, pair_loader, ssl_view_transform
 from .data.loader import language_weights
 from .data.bad_items import BadItems
 from .data.identity import image_ids
-from .data.parallel import ParallelBatches, load_parallel
+from .data.parallel import ParallelBatches, parallel_of
 from .data.resolve import resolve_data
 from .errors import ConfigError, DataError, NonFiniteError
 from .eval.retrieval import EmbeddedPairs, embed_pairs, evaluate_retrieval
@@ -206,10 +206,8 @@ def parallel_batches(model: torch.nn.Module, config: TrainConfig, data_config: D
     if size % accelerator.num_processes:
         raise ConfigError(f"TrainConfig.parallel_batch_size={size} must divide evenly over "
                           f"{accelerator.num_processes} processes.")
-    table = load_parallel(data_config.parallel, data_config.parallel_targets(), data_config.parallel_per_lang,
-                          pivot=data_config.parallel_pivot, seed=config.seed, options=data_config.options)
-    return ParallelBatches(table, model.tokenize, size, config.seed, accelerator.process_index,
-                           accelerator.num_processes)
+    return ParallelBatches(parallel_of(data_config, config.seed), model.tokenize, size, config.seed,
+                           accelerator.process_index, accelerator.num_processes)
 
 
 def feature_cache(model: torch.nn.Module, config: TrainConfig, data_config: DataConfig, data: Any,

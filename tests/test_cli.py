@@ -120,6 +120,26 @@ def test_eval_with_the_scoring_levers_names_their_choices(make_model, tmp_path: 
         capsys.readouterr().err
 
 
+def test_eval_translates_captions_with_parallel_text(make_model, tmp_path: Path, capsys) -> None:
+    make_model("vit").save_pretrained(tmp_path / "m")
+    table = tmp_path / "par.csv"  # tiny-random's sw captions are words of the tiny BERT; so are these
+    words = zip(["red", "cat", "dog", "tree", "car", "bird"] * 2,
+                ["blue", "house", "boat", "small", "large", "green"] * 2)
+    table.write_text("source,target,lang\n" + "".join(f"{a} {b},{b} {a},sw\n" for a, b in words))
+    base = ["eval", "--model", str(tmp_path / "m"), "--data", "builtin:tiny-random:test", "--parallel", str(table)]
+    val = ["--val-data", "builtin:tiny-random:validation"]
+    assert main([*base, *val, "--out", str(tmp_path / "t")]) == 0
+    rows = json.loads((tmp_path / "t" / "eval.json").read_text())
+    assert rows[0]["translation_strength_sw"] in (0.0, 0.5, 0.75, 1.0) and "levers_fitted_on" not in rows[0]
+    assert main([*base, *val, "--ridge-ensemble", "--train-data", "builtin:tiny-random:train",
+                 "--out", str(tmp_path / "e")]) == 0
+    rows = json.loads((tmp_path / "e" / "eval.json").read_text())
+    assert rows[0]["translation_strength_sw"] in (0.0, 0.5, 0.75, 1.0) and "ridge_ensemble_weight" in rows[0]
+    capsys.readouterr()
+    assert main(base) == 2
+    assert f"--parallel {table} (task retrieval, --val-data None)" in capsys.readouterr().err
+
+
 def test_eval_reports_a_missing_model_cleanly(tmp_path: Path, capsys) -> None:
     assert main(["eval", "--model", str(tmp_path / "nope"), "--data", "builtin:tiny-random:test"]) == 2
     assert "lilt eval: error:" in capsys.readouterr().err

@@ -38,7 +38,7 @@ def test_short_training_lifts_validation_recall_well_above_untrained(tmp_path: P
     assert result.metrics["val/en/i2t/R@1"] == pytest.approx(after["i2t/R@1"], abs=1e-6)
 
 
-@pytest.mark.parametrize("levers", [False, True])  # the scoring levers: hubness correction, ridge ensemble
+@pytest.mark.parametrize("levers", [False, True])  # the scoring levers: hubness, ridge ensemble, translation
 def test_demo_end_to_end_on_a_small_slice(tmp_path: Path, capsys: pytest.CaptureFixture[str], levers: bool) -> None:
     from lilt.demo import MODELS, run_demo
 
@@ -46,7 +46,9 @@ def test_demo_end_to_end_on_a_small_slice(tmp_path: Path, capsys: pytest.Capture
              "data.num_workers=0", "train.steps=4", "train.batch_size=16", "train.warmup_steps=1",
              "train.eval_every=2", "train.save_every=4", "train.head_warmup_epochs=2", "train.report_to=[]",
              "eval.langs=[en,sw,yo]", f"eval.hubness={str(levers).lower()}",
-             f"eval.ridge_ensemble={str(levers).lower()}"]
+             f"eval.ridge_ensemble={str(levers).lower()}", f"eval.translate={str(levers).lower()}",
+             *(["data.parallel=builtin:emoji-cldr", "data.parallel_langs=[sw]", "data.parallel_per_lang=200"]
+               if levers else [])]
     assert run_demo(tmp_path, "recipes/demo.yaml", small) == 0
     out = capsys.readouterr().out
     assert "| lang | train pairs |" in out and "| yo | 0 |" in out  # yo: no training pairs, zero-shot only
@@ -55,9 +57,14 @@ def test_demo_end_to_end_on_a_small_slice(tmp_path: Path, capsys: pytest.Capture
     # each model's own bank, k and beta from the candidates choose_hubness tries
     assert ("hubness" in results) == levers and ("hubness correction" in out) == levers
     assert ("ridge_ensemble" in results) == levers and ("mixed with the ridge map" in out) == levers
+    assert ("translation" in results) == levers
     if levers:
         assert set(results["hubness"]) == set(MODELS)
         assert all(h["k"] in (10, 50) and h["beta"] in (0.0, 0.25, 0.5, 0.75) for h in results["hubness"].values())
+        # every model's own maps, in its own space; sw only (the parallel text's language)
+        assert set(results["translation"]) == set(MODELS) and "maps fitted on the parallel text" in out
+        assert all(set(t) == {"sw"} and t["sw"]["strength"] in (0.0, 0.5, 0.75, 1.0) and t["sw"]["alpha"] > 0
+                   for t in results["translation"].values())
         tried = results["ridge_ensemble"]["val_mean_recall"]
         assert results["ridge_ensemble"]["weight"] == float(max(tried, key=tried.__getitem__))
     for name in MODELS:

@@ -48,6 +48,14 @@ def load_parallel(spec: str, langs: Sequence[str] | None = None, per_lang: int |
     return table
 
 
+def parallel_of(data: Any, seed: int = 0) -> datasets.Dataset:
+    """The parallel table a DataConfig names (`parallel`, its target languages, caps and pivot)."""
+    if data.parallel is None:
+        raise DataError("no parallel text: set DataConfig.parallel (e.g. builtin:emoji-cldr, with parallel_langs).")
+    return load_parallel(data.parallel, data.parallel_targets(), data.parallel_per_lang, pivot=data.parallel_pivot,
+                         seed=seed, options=data.options)
+
+
 def emoji_parallel(langs: Sequence[str] | None, pivot: str, options: Mapping[str, Any]) -> datasets.Dataset:
     """Names of the training-split emoji in the pivot language next to their names in each target language."""
     if not langs:

@@ -6,7 +6,8 @@ validation retrieves better on average than either alone (measured on builtin:em
 `lwa+ridge-ensemble`). It is WiSE-FT's idea - stay close to what the backbones know - in the space of
 scores rather than of weights (Wortsman et al. 2022 compare the two), and the ridge side costs one
 closed-form fit. The mix rides in concatenated embeddings, `[sqrt(1-w) tuned, sqrt(w) ridge]`, so every
-recall routine (and the hubness correction) works on it unchanged.
+recall routine (and the hubness correction) works on it unchanged. With parallel text, each side's captions
+are first moved by its own translation maps (lilt.eval.translate), chosen on validation before the weight.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from ..baselines import RidgeMap, fit_ridge, pair_features, ridge_pairs
 from ..errors import ConfigError, DataError
 from .retrieval import EmbeddedPairs, embed_pairs, retrieval_by_lang
+from .translate import TranslationMaps, choose_translation, embed_parallel
 
 DEFAULT_WEIGHTS = (0.0, 0.25, 0.5, 0.75)
 
@@ -61,13 +63,20 @@ class RidgeEnsemble:
     frozen: Any
     ridge: RidgeMap
     weight: float
+    translation: TranslationMaps | None = None  # the tuned side's caption maps (lilt.eval.translate)
+    ridge_translation: TranslationMaps | None = None  # the ridge side's, fitted in its text space
 
     def embed_pairs(self, data: datasets.Dataset, **options: Any) -> EmbeddedPairs:
         """The mixed embeddings of a pair table (`options`: embed_pairs' batch_size, num_workers, progress)."""
         tuned = embed_pairs(self.model, data, **options)
+        if self.translation is not None:
+            tuned = self.translation.apply(tuned)
         if self.weight == 0:
             return tuned
-        return mix_pairs(tuned, ridge_pairs(self.ridge, pair_features(self.frozen, data, **options)), self.weight)
+        mapped = ridge_pairs(self.ridge, pair_features(self.frozen, data, **options))
+        if self.ridge_translation is not None:
+            mapped = self.ridge_translation.apply(mapped)
+        return mix_pairs(tuned, mapped, self.weight)
 
     def evaluate(self, data: datasets.Dataset, k: Sequence[int] = (1, 5, 10), **options: Any) -> dict[str, Any]:
         """Retrieval recall@K per language and pooled, as lilt.evaluate_retrieval gives for one model."""
@@ -75,17 +84,28 @@ class RidgeEnsemble:
 
 
 def fit_ridge_ensemble(model: Any, train_data: datasets.Dataset, val_data: datasets.Dataset, *, frozen: Any = None,
-                       weights: Sequence[float] = DEFAULT_WEIGHTS,
+                       weights: Sequence[float] = DEFAULT_WEIGHTS, parallel: datasets.Dataset | None = None,
                        **options: Any) -> tuple[RidgeEnsemble, dict[float, float]]:
     """Fit the ridge map on the frozen towers' features of `train_data`; choose the weight on `val_data`.
 
     `frozen`: a DualEncoder of the untuned towers (default: built afresh from `model.config`, i.e. the
-    pretrained backbones). Returns the ensemble and each weight's validation mean recall.
+    pretrained backbones). `parallel`: a parallel table (lilt.data.parallel.load_parallel) for translation
+    maps on both sides, chosen on `val_data` before the weight. Returns the ensemble and each weight's
+    validation mean recall.
     """
     if frozen is None:
         from ..model import DualEncoder
         frozen = DualEncoder(model.config).to(model.device).eval()
     train_features, val_features = (pair_features(frozen, d, **options) for d in (train_data, val_data))
     ridge = fit_ridge(train_features, val=val_features)
-    best, tried = choose_weight(embed_pairs(model, val_data, **options), ridge_pairs(ridge, val_features), weights)
-    return RidgeEnsemble(model, frozen, ridge, best), {w: v["mean_recall"] for w, v in tried.items()}
+    tuned_val, ridge_val = embed_pairs(model, val_data, **options), ridge_pairs(ridge, val_features)
+    translation = ridge_translation = None
+    if parallel is not None:
+        size = options.get("batch_size", 256)
+        translation, _ = choose_translation(*embed_parallel(model, parallel, batch_size=size), tuned_val)
+        ridge_translation, _ = choose_translation(*embed_parallel(frozen, parallel, features=True, batch_size=size,
+                                                                  transform=ridge.embed_texts), ridge_val)
+        tuned_val, ridge_val = translation.apply(tuned_val), ridge_translation.apply(ridge_val)
+    best, tried = choose_weight(tuned_val, ridge_val, weights)
+    return (RidgeEnsemble(model, frozen, ridge, best, translation, ridge_translation),
+            {w: v["mean_recall"] for w, v in tried.items()})

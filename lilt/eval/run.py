@@ -20,7 +20,8 @@ def run_eval(model: Any, data: str, out: str | Path, *, task: Task = "retrieval"
              label_column: str = "label", batch_size: int = 256, num_workers: int = 0,
              model_name: str | None = None, split: str | None = None,
              columns: Mapping[str, str] | None = None, hubness: bool = False, ridge_ensemble: bool = False,
-             val_data: str | None = None) -> tuple[list[dict[str, Any]], dict[str, Path]]:
+             val_data: str | None = None, parallel: str | None = None,
+             parallel_langs: Sequence[str] | None = None) -> tuple[list[dict[str, Any]], dict[str, Path]]:
     """Evaluate `model` (a DualEncoder or a saved folder) on `data`; write eval.{json,md,png} under `out`.
 
     `columns`: load_pairs' image_column/text_column/lang_column for a table whose columns are named otherwise
@@ -29,7 +30,9 @@ def run_eval(model: Any, data: str, out: str | Path, *, task: Task = "retrieval"
     `hubness` (retrieval): the CSLS correction against the model's embeddings of `train_data`, k and beta
     chosen on `val_data` (lilt.eval.hubness). `ridge_ensemble` (retrieval): the model's scores mixed with
     a ridge map fitted on the frozen towers' features of `train_data`, the weight chosen on `val_data`
-    (lilt.eval.ensemble). Both together: the correction applies to the mixed scores.
+    (lilt.eval.ensemble). Both together: the correction applies to the mixed scores. `parallel`
+    (retrieval): captions in `parallel_langs` translated by maps fitted on that parallel text, strength chosen
+    on `val_data` (lilt.eval.translate); with the ensemble, on both of its sides.
     """
     import lilt
     from ..data import load_labelled, load_pairs
@@ -41,15 +44,23 @@ def run_eval(model: Any, data: str, out: str | Path, *, task: Task = "retrieval"
     options = dict(batch_size=batch_size, num_workers=num_workers)
     extra: dict[str, Any] = {}
     levers = [flag for flag, on in (("--hubness", hubness), ("--ridge-ensemble", ridge_ensemble)) if on]
+    if parallel and (task != "retrieval" or not val_data):
+        raise ConfigError(f"--parallel {parallel} (task {task}, --val-data {val_data}) translates retrieval captions: "
+                          "use --task retrieval with --val-data SPEC (e.g. builtin:emoji-cldr:validation; it chooses "
+                          "the strength).")
     if levers and (task != "retrieval" or not train_data or not val_data):
         raise ConfigError(f"{' '.join(levers)} (task {task}, --train-data {train_data}, --val-data {val_data}) "
                           "scores retrieval with what the training pairs give: use --task retrieval with --train-data "
                           "SPEC (e.g. builtin:emoji-cldr:train) and --val-data SPEC (it chooses the strength).")
     if task == "retrieval":
         pairs = load_pairs(data, split=split or _split(data), langs=langs, **(columns or {}))
-        if levers:
+        if levers or parallel:
+            table = None
+            if parallel:
+                from ..data.parallel import load_parallel
+                table = load_parallel(parallel, parallel_langs)
             results, extra = _retrieval_with_levers(model, pairs, train_data, val_data, langs, columns, hubness,
-                                                    ridge_ensemble, options)
+                                                    ridge_ensemble, options, table)
         else:
             results = lilt.evaluate_retrieval(model, pairs, progress=True, **options)
     elif task == "zeroshot":
@@ -78,27 +89,36 @@ def run_eval(model: Any, data: str, out: str | Path, *, task: Task = "retrieval"
 
 def _retrieval_with_levers(model: Any, pairs: Any, train_data: str, val_data: str, langs: Sequence[str] | None,
                            columns: Mapping[str, str] | None, hubness: bool, ridge_ensemble: bool,
-                           options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Retrieval with the ridge ensemble and/or the hubness correction, each chosen on `val_data`."""
+                           options: dict[str, Any], parallel: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Retrieval with translation maps, the ridge ensemble and/or the hubness correction, chosen on `val_data`."""
     from ..data import load_pairs
     from .ensemble import fit_ridge_ensemble
     from .hubness import choose_hubness
     from .retrieval import embed_pairs, retrieval_by_lang
+    from .translate import choose_translation, embed_parallel
 
-    train, val = (load_pairs(spec, split=_split(spec), langs=langs, **(columns or {}))
-                  for spec in (train_data, val_data))
+    val = load_pairs(val_data, split=_split(val_data), langs=langs, **(columns or {}))
+    train = load_pairs(train_data, split=_split(train_data), langs=langs, **(columns or {})) if train_data else None
     extra: dict[str, Any] = {}
     embed: Any = partial(embed_pairs, model)
     if ridge_ensemble:
-        ensemble, _ = fit_ridge_ensemble(model, train, val, progress=True, **options)
+        ensemble, _ = fit_ridge_ensemble(model, train, val, progress=True, parallel=parallel, **options)
         extra.update(ridge_ensemble_weight=ensemble.weight, ridge_alpha=ensemble.ridge.alpha)
         embed = ensemble.embed_pairs
+        maps = ensemble.translation
+    elif parallel is not None:
+        maps, _ = choose_translation(*embed_parallel(model, parallel, batch_size=options["batch_size"]),
+                                     embed_pairs(model, val, progress=True, **options))
+        embed = lambda data, **kw: maps.apply(embed_pairs(model, data, **kw))  # noqa: E731
+    if parallel is not None:
+        extra.update({f"translation_strength_{lang}": maps.strength[lang] for lang in maps.maps})
     test = embed(pairs, progress=True, **options)
     if hubness:
         bank, _ = choose_hubness(embed(train, progress=True, **options), embed(val, progress=True, **options))
         extra.update(hubness_k=bank.k, hubness_beta=bank.beta)
         test = bank.correct(test)
-    extra["levers_fitted_on"] = train_data
+    if train_data:
+        extra["levers_fitted_on"] = train_data
     return retrieval_by_lang(test), extra
 
 
