@@ -151,9 +151,12 @@ def run_demo(out_dir: Path, recipe: str | Path = "demo", overrides: Sequence[str
     table = format_table(results, counts)
     print("\nTest-split retrieval R@1 (%), over all test emoji of each language:\n" + table)
     if spec.eval.ridge_ensemble:
+        again = "--ridge-ensemble --train-data builtin:emoji-cldr:train"
+        if parallel is not None:
+            again += f" --parallel {data_config.parallel} --parallel-langs {' '.join(data_config.parallel_targets())}"
         print(f"trained = the tuned model's scores mixed with the ridge map's (eval.ridge_ensemble), weight {weight:g} "
-              "chosen on validation. The saved model is the tuned one; `lilt eval --ridge-ensemble --train-data "
-              "builtin:emoji-cldr:train --val-data builtin:emoji-cldr:validation` mixes it again.")
+              f"chosen on validation. The saved model is the tuned one; `lilt eval {again} --val-data "
+              "builtin:emoji-cldr:validation` mixes it again.")
     if translation:
         extra["translation"] = translation
         chosen = "; ".join(f"{name} " + ", ".join(f"{lang} {m['strength']:g}" for lang, m in maps.items())

@@ -71,3 +71,16 @@ def test_hubness_rows_report_each_seeds_gain_over_its_own_uncorrected_model(tmp_
         {"mean": 1.0, "min": 0.5, "max": 1.5, "n": 2})
     text = claims.report(tmp_path, quick=False, results=tmp_path)
     assert "| lwa+hubness | 2 | k 10 beta 0.25, k 10 beta 0.5 | +1.0 (+0.5..+1.5) |" in text
+
+
+def test_translation_rows_name_the_mean_strength_per_language_and_the_weights(tmp_path: Path) -> None:
+    for seed, (strength, weight) in enumerate(((0.5, 0.5), (1.0, 0.25))):
+        result = _result("lwa+translate+ridge-ensemble", seed, 20.0, group="lever")
+        result["test_uncorrected"] = {x: {d: v - 2.0 for d, v in s.items()} for x, s in result["test"].items()}
+        maps = {"sw": {"alpha": 10.0, "strength": strength, "val": {}},
+                "yo": {"alpha": 1.0, "strength": 0.0, "val": {}}}
+        result["levers"] = {"translation": maps, "ridge_translation": maps, "ensemble_weight": weight}
+        _write(tmp_path, result)
+    text = claims.report(tmp_path, quick=False, results=tmp_path)
+    assert ("| lwa+translate+ridge-ensemble | 2 | maps strength sw 0.75 yo 0; ridge-side maps strength sw 0.75 yo 0; "
+            "w 0.5, 0.25 | +2.0 (+2.0..+2.0) |") in text
