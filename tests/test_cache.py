@@ -59,11 +59,18 @@ def test_a_cached_run_gives_the_uncached_weights(make_model, folder: Path, tmp_p
     cached = run(heads_only(make_model, vision, plan), folder, tmp_path / "cached", cache="auto")
     assert not (tmp_path / "plain" / "feature-cache").exists()
     assert len(list((tmp_path / "cached" / "feature-cache").glob("features-*.safetensors"))) == 1
-    # A CNN's convolutions round differently by batch size (7e-8 here: the cache fills in batches of 256),
-    # and Adam turns that into up to 0.03 lr on near-zero gradients of the trained conv; features 1% off
-    # would move the weights by 7e-3.
-    tolerance = 1e-5 if vision == "vit" else 1e-3
-    assert max_difference(weights(tmp_path / "plain"), weights(tmp_path / "cached")) < tolerance
+    plain_weights, cached_weights = weights(tmp_path / "plain"), weights(tmp_path / "cached")
+    if vision == "vit":
+        assert max_difference(plain_weights, cached_weights) < 1e-5
+    else:
+        # A CNN's convolutions round differently by batch size (7e-8: the cache fills in batches of 256), and
+        # Adam turns that into up to ~0.2 lr on the few elements with near-zero gradients, by how much
+        # depending on the CPU's kernels (1.7e-3 on an AVX512-BF16 EPYC). So the test bounds how many
+        # elements moved: rounding moves 0.1% of them past 1e-4; cached features 0.1% off move 0.9%, 1% off 49%.
+        diffs = [(plain_weights[k] - cached_weights[k]).abs().flatten() for k in plain_weights]
+        trained = torch.cat([d for d in diffs if d.max() > 0])  # frozen tensors are identical in both runs
+        share = float((trained > 1e-4).float().mean())
+        assert float(trained.max()) < 1e-2 and share < 0.005, (float(trained.max()), share)
     assert cached.bad_items == plain.bad_items > 0  # the unreadable images are skipped and counted alike
     losses = [h["loss"] for h in cached.history if h.get("loss") is not None]
     assert losses[-1] < losses[0]  # it trained
