@@ -77,6 +77,8 @@ def rows() -> list[Row]:
             translate=True, ensemble=True, note="maps on both sides of the ridge ensemble"),
         Row("lwa+parallel+translate+ridge-ensemble", "lever", plan="lwa", overrides=parallel, translate=True,
             ensemble=True, note="the text-to-text term, the maps, the ensemble"),
+        Row("lwa+bf16", "lever", plan="lwa", overrides=("train.mixed_precision=bf16",),
+            note="bf16 autocast (speed: benchmarks/speed.py's *-bf16 rows); does accuracy hold?"),
         Row("lwa+ridge-init", "lever", plan="lwa", overrides=("train.head_init=ridge",),
             note="heads start from the ridge solution"),
         # Its own evaluation interval: --quick turns evaluation during training off, and with only the final
