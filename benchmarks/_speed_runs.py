@@ -85,6 +85,10 @@ CONFIGS: dict[str, tuple[Callable[[], TuningPlan], str | None]] = {
     "layernorm-ckpt": (_recipe("layernorm"), None),
 }
 CHECKPOINTED = {"lwa-ckpt", "layernorm-ckpt"}
+# The same plans under bf16 autocast, as lilt.train runs them with train.mixed_precision=bf16 (benchmarks/claims.py's
+# lwa+bf16 row measures what it does to accuracy).
+CONFIGS.update({f"{plan}-bf16": (_recipe(plan), None) for plan in ("full", "lwa", "layernorm")})
+BF16 = {"full-bf16", "lwa-bf16", "layernorm-bf16"}
 # End-to-end rows (lilt.train over builtin:emoji-cldr pairs): lilt's plan and train.cache, or open_clip's set.
 E2E: dict[str, tuple[str, Callable[[], TuningPlan] | None, str]] = {
     "e2e-heads-cache": ("lilt", _plan(LOCK_ALL, "heads"), "auto"),
@@ -112,12 +116,18 @@ def lilt_step_parts(spec: Spec) -> tuple[torch.nn.Module, Callable, Callable, to
     train_config = TrainConfig()
     loss_fn = contrastive_loss(train_config)
 
+    def autocast() -> Any:
+        return torch.autocast(spec.device.split(":")[0], dtype=torch.bfloat16, enabled=spec.config in BF16)
+
     def forward(images: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        out = model(pixel_values=images, input_ids=ids, attention_mask=torch.ones_like(ids))
+        with autocast():
+            out = model(pixel_values=images, input_ids=ids, attention_mask=torch.ones_like(ids))
         return loss_fn(out.image_embeds, out.text_embeds, out.logit_scale, out.logit_bias)
 
     def encode(images: torch.Tensor, ids: torch.Tensor) -> Any:
-        return model.encode_image(images), model.encode_text({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+        with autocast():
+            return (model.encode_image(images),
+                    model.encode_text({"input_ids": ids, "attention_mask": torch.ones_like(ids)}))
 
     return model, forward, encode, make_optimizer(model, train_config)
 

@@ -197,3 +197,19 @@ def test_checkpointed_rows_train_the_same_plan_with_gradient_checkpointing(tiny_
 
     assert towers("lwa-ckpt") == [True, True] and towers("lwa") == [False, False]
     assert CONFIGS["lwa-ckpt"][1] is None  # open_clip has no such row to stand beside it
+
+
+def test_bf16_rows_train_the_same_plan_under_bf16_autocast(tiny_dirs: dict[str, Path]) -> None:
+    def dtypes(config: str) -> set[torch.dtype]:
+        spec = Spec(config, "lilt", str(tiny_dirs["cnn"]), str(tiny_dirs["bert"]), image_size=32, tokens=8,
+                    batch_size=2, steps=1, warmup=0, threads=1, device="cpu")
+        model, forward, _, _ = lilt_step_parts(spec)
+        seen: set[torch.dtype] = set()
+        hook = model.text_proj.register_forward_hook(lambda m, args, out: seen.add(out.dtype))
+        loss = forward(torch.randn(2, 3, 32, 32), torch.randint(5, model.text.backbone.config.vocab_size, (2, 8)))
+        hook.remove()
+        assert loss.dtype == torch.float32 and torch.isfinite(loss)  # the softmax over the batch stays fp32
+        return seen
+
+    assert dtypes("lwa-bf16") == {torch.bfloat16} and dtypes("lwa") == {torch.float32}
+    assert CONFIGS["lwa-bf16"][0]().rules == CONFIGS["lwa"][0]().rules and CONFIGS["lwa-bf16"][1] is None
