@@ -88,7 +88,9 @@ CHECKPOINTED = {"lwa-ckpt", "layernorm-ckpt"}
 # The same plans under bf16 autocast, as lilt.train runs them with train.mixed_precision=bf16 (benchmarks/claims.py's
 # lwa+bf16 row measures what it does to accuracy).
 CONFIGS.update({f"{plan}-bf16": (_recipe(plan), None) for plan in ("full", "lwa", "layernorm")})
-BF16 = {"full-bf16", "lwa-bf16", "layernorm-bf16"}
+CONFIGS.update({f"{plan}-ckpt-bf16": (_recipe(plan), None) for plan in ("lwa", "layernorm")})  # both at once
+BF16 = {"full-bf16", "lwa-bf16", "layernorm-bf16", "lwa-ckpt-bf16", "layernorm-ckpt-bf16"}
+CHECKPOINTED |= {"lwa-ckpt-bf16", "layernorm-ckpt-bf16"}
 # End-to-end rows (lilt.train over builtin:emoji-cldr pairs): lilt's plan and train.cache, or open_clip's set.
 E2E: dict[str, tuple[str, Callable[[], TuningPlan] | None, str]] = {
     "e2e-heads-cache": ("lilt", _plan(LOCK_ALL, "heads"), "auto"),

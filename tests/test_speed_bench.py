@@ -195,7 +195,7 @@ def test_checkpointed_rows_train_the_same_plan_with_gradient_checkpointing(tiny_
         model = lilt_step_parts(spec)[0]
         return [model.vision.gradient_checkpointing, model.text.gradient_checkpointing]
 
-    assert towers("lwa-ckpt") == [True, True] and towers("lwa") == [False, False]
+    assert towers("lwa-ckpt") == towers("lwa-ckpt-bf16") == [True, True] and towers("lwa") == [False, False]
     assert CONFIGS["lwa-ckpt"][1] is None  # open_clip has no such row to stand beside it
 
 
@@ -211,5 +211,5 @@ def test_bf16_rows_train_the_same_plan_under_bf16_autocast(tiny_dirs: dict[str, 
         assert loss.dtype == torch.float32 and torch.isfinite(loss)  # the softmax over the batch stays fp32
         return seen
 
-    assert dtypes("lwa-bf16") == {torch.bfloat16} and dtypes("lwa") == {torch.float32}
+    assert dtypes("lwa-bf16") == dtypes("lwa-ckpt-bf16") == {torch.bfloat16} and dtypes("lwa") == {torch.float32}
     assert CONFIGS["lwa-bf16"][0]().rules == CONFIGS["lwa"][0]().rules and CONFIGS["lwa-bf16"][1] is None
