@@ -80,6 +80,9 @@ def run_demo(out_dir: Path, recipe: str | Path = "demo", overrides: Sequence[str
     hubness: dict[str, dict[str, float]] = {}
     translation: dict[str, dict[str, dict[str, float]]] = {}
     parallel = parallel_of(data_config, train_config.seed) if spec.eval.translate else None
+    # The frozen text tower's features of the parallel text, before training moves it (untrained, ridge, heads).
+    frozen_parallel = embed_parallel(model, parallel, features=True, batch_size=train_config.eval_batch_size) \
+        if parallel is not None else None
 
     def translated(name: str, embed: Callable[[int], EmbeddedPairs],
                    space: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Callable[[int], EmbeddedPairs]:
@@ -110,8 +113,6 @@ def run_demo(out_dir: Path, recipe: str | Path = "demo", overrides: Sequence[str
     tables = (test_data, train_data, val_data)  # indexed by TEST, TRAIN, VAL
     features = [pair_features(model, data, **workers) for data in tables]
     train_features, val_features = features[TRAIN], features[VAL]
-    if parallel is not None:  # before training moves the text tower: the frozen features of the parallel text
-        frozen_parallel = embed_parallel(model, parallel, features=True, batch_size=train_config.eval_batch_size)
     results = {"untrained": scored("untrained", translated(
         "untrained", lambda i: head_embeddings(model, features[i]), lambda t: head_texts(model, t)))}
     ridge = fit_ridge(train_features, val=val_features)

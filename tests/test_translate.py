@@ -89,6 +89,13 @@ def test_bad_inputs_are_one_line_errors():
         choose_translation(x, x, ["sw"] * 4, EmbeddedPairs(x, x, torch.arange(4), ["en"] * 4, []))
 
 
+def test_a_recipe_that_translates_without_parallel_text_is_a_one_line_error():
+    from lilt.recipe import Recipe
+
+    with pytest.raises(ConfigError, match="eval.translate fits its maps on parallel text: set data.parallel"):
+        Recipe.from_file("demo", ["data.parallel=null"])
+
+
 def test_embed_parallel_embeds_both_columns_in_the_model_space(make_model, tmp_path: Path):
     model = make_model("vit")
     model.train()

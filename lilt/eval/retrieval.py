@@ -187,11 +187,17 @@ def retrieval_by_lang(embedded: EmbeddedPairs, k: Sequence[int] = (1, 5, 10)) ->
         return out
     langs = np.asarray(embedded.langs)
     for lang in sorted(set(embedded.langs)):
-        rows = torch.from_numpy(np.flatnonzero(langs == lang))
-        own_images, text_image = torch.unique(embedded.text_image[rows], return_inverse=True)
-        out[lang] = recall_at_k(embedded.images[own_images], embedded.texts[rows], text_image, k)
-        out[lang]["images"], out[lang]["texts"] = len(own_images), len(rows)
+        own = caption_subset(embedded, torch.from_numpy(np.flatnonzero(langs == lang)))
+        out[lang] = recall_at_k(own.images, own.texts, own.text_image, k)
+        out[lang]["images"], out[lang]["texts"] = len(own.images), len(own.texts)
     return out
+
+
+def caption_subset(embedded: EmbeddedPairs, rows: torch.Tensor) -> EmbeddedPairs:
+    """The captions `rows` and only the images they describe (renumbered): e.g. one language's share."""
+    images, text_image = torch.unique(embedded.text_image[rows], return_inverse=True)
+    langs = np.asarray(embedded.langs)[rows.numpy()].tolist() if embedded.langs is not None else None
+    return EmbeddedPairs(embedded.images[images], embedded.texts[rows], text_image, langs, [])
 
 
 def evaluate_retrieval(model: Any, data: datasets.Dataset, k: Sequence[int] = (1, 5, 10), *, batch_size: int = 256,

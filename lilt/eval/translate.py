@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ..baselines import RidgeMap
 from ..errors import ConfigError, DataError
-from .retrieval import EmbeddedPairs, embed_texts, retrieval_by_lang
+from .retrieval import EmbeddedPairs, caption_subset, embed_texts, retrieval_by_lang
 
 DEFAULT_ALPHAS = (1.0, 10.0, 100.0, 1000.0)
 DEFAULT_STRENGTHS = (0.0, 0.5, 0.75, 1.0)
@@ -101,7 +101,7 @@ def choose_translation(source: torch.Tensor, target: torch.Tensor, langs: Sequen
         if not len(rows):
             raise DataError(f"no validation captions in {lang!r} to choose its translation map on; add that "
                             "language to the validation data or leave it out of the parallel languages.")
-        own = _subset(val, torch.from_numpy(rows))
+        own = caption_subset(val, torch.from_numpy(rows))
         scores: dict[str, float] = {}
         best = (retrieval_by_lang(own)["all"]["mean_recall"], 0.0, alphas[0])
         scores["off"] = best[0]
@@ -116,13 +116,6 @@ def choose_translation(source: torch.Tensor, target: torch.Tensor, langs: Sequen
                     best = (score, s, a)
         maps[lang], strength[lang], tried[lang] = fits[best[2]].maps[lang], best[1], scores
     return TranslationMaps(maps, strength), tried
-
-
-def _subset(pairs: EmbeddedPairs, rows: torch.Tensor) -> EmbeddedPairs:
-    """The captions `rows` and the images they describe."""
-    images, text_image = torch.unique(pairs.text_image[rows], return_inverse=True)
-    return EmbeddedPairs(pairs.images[images], pairs.texts[rows], text_image,
-                         [pairs.langs[i] for i in rows.tolist()] if pairs.langs is not None else None, [])
 
 
 @torch.inference_mode()
