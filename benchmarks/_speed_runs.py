@@ -87,10 +87,15 @@ CONFIGS: dict[str, tuple[Callable[[], TuningPlan], str | None]] = {
 CHECKPOINTED = {"lwa-ckpt", "layernorm-ckpt"}
 # The same plans under bf16 autocast, as lilt.train runs them with train.mixed_precision=bf16 (benchmarks/claims.py's
 # lwa+bf16 row measures what it does to accuracy).
-CONFIGS.update({f"{plan}-bf16": (_recipe(plan), None) for plan in ("full", "lwa", "layernorm")})
+CONFIGS.update({f"{plan}-bf16": (_recipe(plan), None) for plan in ("full", "lwa", "layernorm", "lora", "bitfit")})
 CONFIGS.update({f"{plan}-ckpt-bf16": (_recipe(plan), None) for plan in ("lwa", "layernorm")})  # both at once
-BF16 = {"full-bf16", "lwa-bf16", "layernorm-bf16", "lwa-ckpt-bf16", "layernorm-ckpt-bf16"}
+BF16 = {"full-bf16", "lwa-bf16", "layernorm-bf16", "lora-bf16", "bitfit-bf16", "lwa-ckpt-bf16", "layernorm-ckpt-bf16"}
 CHECKPOINTED |= {"lwa-ckpt-bf16", "layernorm-ckpt-bf16"}
+# What lilt.lean buys: the same plans with VisionConfig.lean_backward off (frozen convolutions keep their input,
+# BatchNorm+activation its input and output, as stock PyTorch / timm layers do).
+CONFIGS.update({"lwa-stock": (_recipe("lwa"), None), "lwa-bf16-stock": (_recipe("lwa"), None)})
+BF16 |= {"lwa-bf16-stock"}
+STOCK = {"lwa-stock", "lwa-bf16-stock"}
 # End-to-end rows (lilt.train over builtin:emoji-cldr pairs): lilt's plan and train.cache, or open_clip's set.
 E2E: dict[str, tuple[str, Callable[[], TuningPlan] | None, str]] = {
     "e2e-heads-cache": ("lilt", _plan(LOCK_ALL, "heads"), "auto"),
@@ -103,7 +108,8 @@ E2E: dict[str, tuple[str, Callable[[], TuningPlan] | None, str]] = {
 # -- lilt ----------------------------------------------------------------------------------------------------
 def lilt_model(spec: Spec, plan: TuningPlan) -> DualEncoder:
     """lilt's DualEncoder on the spec's towers with `plan` applied."""
-    config = ModelConfig(vision=VisionConfig.from_dict({"name": spec.vision, "image_size": spec.image_size}),
+    vision = {"name": spec.vision, "image_size": spec.image_size, "lean_backward": spec.config not in STOCK}
+    config = ModelConfig(vision=VisionConfig.from_dict(vision),
                          text=TextConfig.from_dict({"name": spec.text, "max_length": spec.tokens}),
                          embed_dim=spec.embed_dim)
     model = DualEncoder(config)

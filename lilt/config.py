@@ -52,6 +52,8 @@ class VisionConfig(ConfigBase):
                                  "so their running statistics never change")
     channels_last: bool = knob(True, "run convolutional backbones in channels_last memory format "
                                "(about 1.7x faster on CPU for EfficientNet)")
+    lean_backward: bool = knob(True, "frozen convolutions and frozen-statistics BatchNorm+activation layers keep "
+                               "only what their backward reads (lilt.lean; same gradients, less memory)")
     mask_ratio: float = knob(0.0, "FLIP: share of image patches a ViT tower drops at random while training "
                              "(0.5 about halves the tower's cost); none at evaluation. ViT towers only")
 

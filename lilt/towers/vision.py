@@ -11,6 +11,7 @@ from torch import nn
 
 from ..config import VisionConfig
 from ..errors import ConfigError, did_you_mean
+from ..lean import make_lean
 from .base import LAYOUTS, Tower, weights_sha256
 from .packaged import is_packaged, packaged_path
 
@@ -135,6 +136,8 @@ class VisionTower(Tower):
         self.channels_last = config.channels_last and self.family == "efficientnet"
         if self.channels_last:
             self.backbone.to(memory_format=torch.channels_last)
+        if config.lean_backward:
+            make_lean(self.backbone)
         data_config = timm.data.resolve_data_config({}, model=backbone)
         if config.image_size is not None:
             data_config["input_size"] = (3, config.image_size, config.image_size)

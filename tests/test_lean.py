@@ -1,0 +1,127 @@
+"""lilt.lean: frozen convolutions and frozen-statistics BatchNorm+activation keep less for the backward pass,
+with the gradients PyTorch's stock layers give."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from timm.layers import BatchNormAct2d, Conv2dSame
+from torch import nn
+
+from lilt.lean import LeanBatchNormAct2d, LeanConv2d, LeanConv2dSame, make_lean
+from lilt.plan import TuningPlan, apply_plan
+
+
+def _net(act: type[nn.Module]) -> nn.Sequential:
+    """conv -> BN+act -> "same"-padded strided depthwise conv -> BN+act -> conv -> BN, with random statistics."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), BatchNormAct2d(8, act_layer=act),
+        Conv2dSame(8, 8, 3, stride=2, groups=8, bias=False), BatchNormAct2d(8, act_layer=act),
+        nn.Conv2d(8, 4, 1), BatchNormAct2d(4, apply_act=False))
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    return net.eval()
+
+
+def _bn_affine_only(net: nn.Module) -> nn.Module:
+    for name, p in net.named_parameters():
+        p.requires_grad_(isinstance(net.get_submodule(name.rsplit(".", 1)[0]), nn.BatchNorm2d))
+    return net
+
+
+def _step(net: nn.Module, x: torch.Tensor, bf16: bool = False) -> tuple[torch.Tensor, list[torch.Tensor], int]:
+    """Output, gradients of the trainable tensors (and of x), and the bytes autograd kept for the backward."""
+    kept: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if not isinstance(t, nn.Parameter):
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    x = x.clone().requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", torch.bfloat16,
+                                                                                      enabled=bf16):
+        y = net(x)
+    (y.float() ** 2).sum().backward()
+    grads = [p.grad.clone() for p in net.parameters() if p.requires_grad] + [x.grad]
+    return y.detach().float(), grads, sum(kept.values())
+
+
+@pytest.mark.parametrize("act", [nn.ReLU6, nn.ReLU, nn.SiLU])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_lean_layers_give_stock_gradients_and_keep_less(act: type[nn.Module], channels_last: bool) -> None:
+    stock = _bn_affine_only(_net(act))
+    lean = copy.deepcopy(stock)
+    assert make_lean(lean) == 6
+    assert [type(m) for m in lean] == [LeanConv2d, LeanBatchNormAct2d, LeanConv2dSame, LeanBatchNormAct2d,
+                                       LeanConv2d, LeanBatchNormAct2d]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    stock, lean = stock.to(memory_format=fmt), lean.to(memory_format=fmt)
+    x = torch.randn(4, 3, 16, 16).contiguous(memory_format=fmt)
+    y0, g0, kept0 = _step(stock, x)
+    y1, g1, kept1 = _step(lean, x)
+    assert torch.equal(y0, y1)
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert g1[-1].is_contiguous(memory_format=fmt)  # the input gradient keeps the input's layout
+    # Stock: each conv keeps its input, each BN its input and (in-place act) its output; lean: each BN its input.
+    assert kept1 < 0.6 * kept0, (kept0, kept1)
+
+
+def test_lean_under_bf16_autocast_matches_stock() -> None:
+    stock = _bn_affine_only(_net(nn.ReLU6))
+    lean = copy.deepcopy(stock)
+    make_lean(lean)
+    x = torch.randn(4, 3, 16, 16)
+    y0, g0, _ = _step(stock, x, bf16=True)
+    y1, g1, _ = _step(lean, x, bf16=True)
+    assert torch.equal(y0, y1)
+    for a, b in zip(g0, g1):
+        assert b.dtype == a.dtype
+        torch.testing.assert_close(b, a, rtol=2e-2, atol=1e-3)
+
+
+def test_trainable_weights_train_statistics_and_no_grad_take_the_stock_path() -> None:
+    stock = _net(nn.ReLU6)  # everything trainable: the conv weights need their inputs
+    lean = copy.deepcopy(stock)
+    make_lean(lean)
+    x = torch.randn(4, 3, 16, 16)
+    _, g0, kept0 = _step(stock, x)
+    _, g1, kept1 = _step(lean, x)
+    assert len(g1) == len(g0) and kept1 >= 0.6 * kept0
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    # Train-mode BatchNorm still updates its running statistics.
+    lean.train()
+    before = lean[1].running_mean.clone()
+    _bn_affine_only(lean)(torch.randn(4, 3, 16, 16)).sum().backward()
+    assert not torch.equal(lean[1].running_mean, before)
+    with torch.no_grad():
+        assert lean.eval()(x).grad_fn is None
+
+
+def test_vision_tower_is_lean_by_default_and_trains_the_same(make_model) -> None:
+    plan = TuningPlan.from_dict({"name": "ln", "rules": [{"tower": "both", "method": "layernorm", "layers": "all"}]})
+    models = []
+    for lean in (True, False):
+        model = make_model("cnn", vision_options={"image_size": 32, "lean_backward": lean})
+        apply_plan(model, plan)
+        models.append(model.train())
+    kinds = [{type(m).__name__ for m in model.vision.modules()} for model in models]
+    assert "LeanBatchNormAct2d" in kinds[0] and "LeanConv2d" in kinds[0]
+    assert not any(k.startswith("Lean") for k in kinds[1])
+    images = torch.randn(4, 3, 32, 32)
+    grads = []
+    for model in models:
+        model.encode_image(images).square().sum().backward()
+        grads.append({n: p.grad for n, p in model.vision.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
