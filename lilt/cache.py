@@ -6,8 +6,11 @@ view) are computed once, in eval mode, written as one safetensors file and memor
 then runs the heads alone on rows looked up by the same sampler, so data order, skipped items and resume
 are those of an uncached run. When the text tower is locked and the vision tower trains only blocks after
 a frozen prefix (`unlock top:k`, `deep`, norms of the top blocks), the cache keeps the hidden states that
-enter the first trainable vision block instead, and training runs the rest of the tower. A text tower that
-trains (LiT) is not cached: its batches carry tokens, the images come from the cache.
+enter the first trainable vision block instead, and training runs the rest of the tower. The text tower
+likewise: locked, its pooled features; training only after a frozen prefix of layers (`deep`, `unlock
+top:k`), each caption's token states entering its first trainable layer with the caption's length (the
+batch's attention mask is rebuilt from the lengths, padded to the batch's longest as tokenization pads it);
+training from its embeddings on (LiT, norms everywhere), not cached: its batches carry tokens.
 
 Views: with `train.cache_views: K` each image is cached under K augmentations, view v drawn with the
 per-sample seed (seed, v, row of the image's first caption); the view an item uses at an epoch is a
@@ -60,8 +63,19 @@ def vision_depth(model: torch.nn.Module) -> int | None:
 
 
 def text_cached(model: torch.nn.Module) -> bool:
-    """Whether the caption features are cached (the text tower is locked) or the text tower runs each step."""
+    """Whether the captions' pooled features are cached (the text tower is locked)."""
     return not any(p.requires_grad for p in model.text.parameters())
+
+
+def text_depth(model: torch.nn.Module) -> int | None:
+    """Frozen text layers whose token states are cached, when the tower trains only after them; else None
+    (locked: pooled features are cached; training from the embeddings on: the tower runs each step)."""
+    return None if text_cached(model) else model.text.frozen_prefix_depth()
+
+
+def _text_mode(model: torch.nn.Module) -> str:
+    depth = text_depth(model)
+    return "pooled" if text_cached(model) else ("live" if depth is None else f"text-blocks:{depth}")
 
 
 def cache_refusal(model: torch.nn.Module, config: TrainConfig, data_config: DataConfig, data: Any) -> str | None:
@@ -118,7 +132,7 @@ def fingerprint(model: torch.nn.Module, data: datasets.Dataset, config: TrainCon
         "transform": json.dumps({k: str(v) for k, v in sorted(dict(model.vision.data_config).items())}),
         "augment": augment, "views": str(views), "view_seed": str(config.seed if views > 1 else ""),
         "text_sha256": model.text.backbone_sha256, "text_config": model.config.text.to_json(),
-        "text_depth": "pooled" if text_cached(model) else "live",
+        "text_depth": _text_mode(model),
         "images": _sha(image_keys(data)), "captions": _sha(data["text"])}
 
 
@@ -127,14 +141,16 @@ class FeatureCache:
     """Cached pooled features and, per table row, where its image (view 0) and caption sit; bad rows named."""
 
     images: torch.Tensor  # (images * views, *what the heads or the first trainable block take); image * views + view
-    texts: torch.Tensor  # (captions, text width)
+    texts: torch.Tensor  # (captions, text width), or (captions, tokens, width) after a frozen text prefix
     image_of_row: torch.Tensor  # per table row: image index, -1 for a bad row
     text_of_row: torch.Tensor  # per table row: caption index, -1 for a bad row
     bad: dict[int, str]
     views: int
     path: Path
     depth: int | None = None  # vision blocks run before caching; None: the pooled output
-    texts_cached: bool = True  # False: the text tower trains, so batches carry tokens
+    texts_cached: bool = True  # False: the text tower trains from its embeddings on, so batches carry tokens
+    text_depth: int | None = None  # frozen text layers run before caching; None: pooled (or not cached)
+    text_lengths: torch.Tensor | None = None  # per caption: its tokens in `texts` (the rest is padding)
 
     @property
     def nbytes(self) -> int:
@@ -144,14 +160,22 @@ class FeatureCache:
     def to(self, device: torch.device) -> "FeatureCache":
         """The feature tensors on `device` (heads-only training reads them every step)."""
         self.images, self.texts = self.images.to(device), self.texts.to(device)
+        if self.text_lengths is not None:
+            self.text_lengths = self.text_lengths.to(device)
         return self
 
     def inputs(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """Model inputs for a CachedCollator batch: the pooled features of its images and captions."""
         key = "image_features" if self.depth is None else "image_hidden"
         inputs = {key: self.images[batch["image_index"].to(self.images.device)]}
-        if self.texts_cached:
-            inputs["text_features"] = self.texts[batch["text_index"].to(self.texts.device)]
+        index = batch["text_index"].to(self.texts.device)
+        if self.text_depth is not None:
+            lengths = self.text_lengths[index]
+            longest = int(lengths.max())
+            inputs["text_hidden"] = self.texts[index, :longest]
+            inputs["attention_mask"] = (torch.arange(longest, device=lengths.device) < lengths[:, None]).long()
+        elif self.texts_cached:
+            inputs["text_features"] = self.texts[index]
         else:
             inputs.update({k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch})
         return inputs
@@ -199,9 +223,16 @@ def build_cache(model: torch.nn.Module, data: datasets.Dataset, config: TrainCon
     path = cache_folder(config) / f"features-{_sha(sorted(meta.items()))[:24]}.safetensors"
     if not path.is_file():
         ids = image_ids(data)
-        captions = sorted(set(t for t in data["text"] if isinstance(t, str))) if text_cached(model) else []
+        cached_text = text_cached(model) or text_depth(model) is not None
+        # Shortest first: fill batches of similar length pad little (a 12-layer text prefix over padding was
+        # half the fill of a deep plan's cache).
+        captions = sorted({t for t in data["text"] if isinstance(t, str)}, key=lambda t: (len(t), t)) \
+            if cached_text else []
         n_images = int(ids.max()) + 1 if len(ids) else 0
-        size = 4 * (n_images * views * _image_width(model) + len(captions) * model.text_proj.in_features)
+        # Token states: at most max_length per caption (the file holds the longest caption's length).
+        per_caption = model.text_proj.in_features if text_depth(model) is None else \
+            model.text.max_length * model.text.hidden_size
+        size = 4 * (n_images * views * _image_width(model) + len(captions) * per_caption)
         if size > config.cache_max_gb * 1e9:
             raise ConfigError(f"train.cache: the feature cache would take {size / 1e9:.2f} GB, over train.cache_max_gb="
                               f"{config.cache_max_gb}; raise cache_max_gb, lower cache_views, or set train.cache=off.")
@@ -209,7 +240,8 @@ def build_cache(model: torch.nn.Module, data: datasets.Dataset, config: TrainCon
             tqdm.write(f"feature cache: {n_images} images x {views} view(s) + {len(captions)} captions = "
                        f"{size / 1e6:.1f} MB -> {path}")
         _fill(model, data, config, data_config, ids, captions, views, meta, path, progress)
-    return _read(path, views, vision_depth(model), text_cached(model))
+    return _read(path, views, vision_depth(model), text_cached(model) or text_depth(model) is not None,
+                 text_depth(model))
 
 
 def _encode_images(model: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
@@ -266,16 +298,18 @@ def _fill(model: torch.nn.Module, data: datasets.Dataset, config: TrainConfig, d
             if chunk:
                 image_rows.append(_encode_images(model, torch.stack(chunk)))
                 bar.update(len(chunk))
-            text_rows = []
+            text_rows, text_lengths = [], []
             for start in range(0, len(captions), batch):
                 part = captions[start:start + batch]
-                text_rows.append(model.text_features(model.tokenize(part)).float().cpu())
+                states, lengths = _encode_captions(model, model.tokenize(part))
+                text_rows.append(states)
+                text_lengths.append(lengths)
                 bar.update(len(part))
     finally:
         bar.close()
         model.train(was_training)
     images = torch.cat(image_rows) if image_rows else torch.empty(0, _image_width(model))
-    texts = torch.cat(text_rows) if text_rows else torch.empty(0, model.text_proj.in_features)
+    texts = _stack_captions(text_rows) if text_rows else torch.empty(0, model.text_proj.in_features)
     index = {c: i for i, c in enumerate(captions)}
     image_of_row, text_of_row, bad = [], [], {}
     for row, (image, text) in enumerate(zip(ids.tolist(), data["text"])):
@@ -286,11 +320,38 @@ def _fill(model: torch.nn.Module, data: datasets.Dataset, config: TrainConfig, d
             bad[row] = bad_images[image]
         image_of_row.append(-1 if row in bad else image)
         text_of_row.append(-1 if row in bad else index.get(text, -1))
-    tensors = {"images": images.contiguous(), "texts": texts.contiguous(),
+    if text_depth(model) is not None:
+        extra = {"text_lengths": torch.cat(text_lengths) if text_lengths else torch.empty(0, dtype=torch.int64)}
+    else:
+        extra = {}
+    tensors = {"images": images.contiguous(), "texts": texts.contiguous(), **extra,
                "image_of_row": torch.tensor(image_of_row, dtype=torch.int64),
                "text_of_row": torch.tensor(text_of_row, dtype=torch.int64)}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={**meta, "bad": json.dumps({str(k): v for k, v in bad.items()})})
+
+
+def _encode_captions(model: torch.nn.Module, tokens: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor,
+                                                                                          torch.Tensor | None]:
+    """What the cache keeps of a batch of captions: pooled features, or the frozen text prefix's token states
+    with each caption's tokens moved to the front (so a left-padding tokenizer reads back as right-padded)."""
+    depth = text_depth(model)
+    if depth is None:
+        return model.text_features(tokens).float().cpu(), None
+    tokens = {k: v.to(model.device) for k, v in tokens.items()}
+    hidden = model.text.forward_prefix(tokens, depth)[0].float().cpu()
+    mask = tokens["attention_mask"].cpu().bool()
+    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)  # real tokens first, in order
+    hidden = hidden.gather(1, order[..., None].expand_as(hidden))
+    return hidden, mask.sum(1)
+
+
+def _stack_captions(rows: list[torch.Tensor]) -> torch.Tensor:
+    """Batches of pooled features, or of token states padded (with zeros) to the longest caption of all."""
+    if rows[0].dim() == 2:
+        return torch.cat(rows)
+    longest = max(r.shape[1] for r in rows)
+    return torch.cat([torch.nn.functional.pad(r, (0, 0, 0, longest - r.shape[1])) for r in rows])
 
 
 def transform_size(model: torch.nn.Module) -> tuple[int, int]:
@@ -307,10 +368,10 @@ def _caption_problem(text: Any) -> str | None:
     return None
 
 
-def _read(path: Path, views: int, depth: int | None, texts_cached: bool) -> FeatureCache:
+def _read(path: Path, views: int, depth: int | None, texts_cached: bool, text_depth: int | None) -> FeatureCache:
     """The cache file, memory-mapped (safetensors safe_open)."""
     with safe_open(str(path), framework="pt") as handle:
         bad = {int(k): v for k, v in json.loads(handle.metadata()["bad"]).items()}
         tensors = {k: handle.get_tensor(k) for k in handle.keys()}
     return FeatureCache(tensors["images"], tensors["texts"], tensors["image_of_row"], tensors["text_of_row"], bad,
-                        views, path, depth, texts_cached)
+                        views, path, depth, texts_cached, text_depth, tensors.get("text_lengths"))

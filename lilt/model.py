@@ -150,11 +150,12 @@ class DualEncoder(nn.Module):
                 attention_mask: torch.Tensor | None = None, parallel: Mapping[str, torch.Tensor] | None = None,
                 ssl_views: torch.Tensor | None = None, image_features: torch.Tensor | None = None,
                 text_features: torch.Tensor | None = None, image_hidden: torch.Tensor | None = None,
-                **text_inputs: torch.Tensor) -> DualEncoderOutput:
+                text_hidden: torch.Tensor | None = None, **text_inputs: torch.Tensor) -> DualEncoderOutput:
         """Embed a batch of image-text pairs (and of parallel text, `source_*`/`target_*` tokenized, if given;
         and SLIP's two extra views of each image, `ssl_views` (batch, 2, 3, H, W), through the SSL head).
         From a feature cache (lilt.cache), instead of pixels/tokens: `image_features`/`text_features`, the
-        towers' pooled outputs, or `image_hidden`, the output of the vision tower's frozen prefix of blocks."""
+        towers' pooled outputs, or `image_hidden`/`text_hidden` (with its `attention_mask`), the outputs of the
+        towers' frozen prefixes of blocks."""
         if image_hidden is not None:
             hidden = image_hidden.to(self.device)
             if hidden.dim() == 4 and getattr(self.vision, "channels_last", False):  # the layout embed() gives
@@ -165,7 +166,12 @@ class DualEncoder(nn.Module):
             image = F.normalize(self.vision_proj(image_features.to(self.device)), dim=-1)
         else:
             image = self.encode_image(pixel_values)
-        if text_features is not None:
+        if text_hidden is not None:
+            hidden, mask = text_hidden.to(self.device), attention_mask.to(self.device)
+            features = self.text.forward_suffix(hidden, self.text.context_for(hidden, mask),
+                                                self.text.frozen_prefix_depth())
+            text = F.normalize(self.text_proj(features), dim=-1)
+        elif text_features is not None:
             text = F.normalize(self.text_proj(text_features.to(self.device)), dim=-1)
         else:
             text = self.encode_text({"input_ids": input_ids, "attention_mask": attention_mask, **text_inputs})

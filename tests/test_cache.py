@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -28,6 +29,8 @@ VISION_TOP = TuningPlan.from_dict({"name": "vision-top", "rules": [{"tower": "te
                                                                     "layers": "top:1"}]})
 
 LOCK_IMAGE = TuningPlan.from_recipe(REPO / "recipes" / "methods" / "lock-image.yaml")  # LiT: the text tower trains
+# LilT's deep adapter: a block appended to each tower; both towers' frozen prefixes (token states) are cached.
+DEEP = TuningPlan.from_recipe(REPO / "recipes" / "methods" / "deep.yaml")
 FULL = REPO / "recipes" / "methods" / "full.yaml"
 
 
@@ -52,8 +55,8 @@ def folder(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("vision, plan", [("vit", HEADS_ONLY), ("vit", VISION_TOP), ("cnn", VISION_TOP),
-                                          ("vit", LOCK_IMAGE)],
-                         ids=["heads-only", "vit-top-block", "cnn-top-block", "lock-image"])
+                                          ("vit", LOCK_IMAGE), ("vit", DEEP)],
+                         ids=["heads-only", "vit-top-block", "cnn-top-block", "lock-image", "deep"])
 def test_a_cached_run_gives_the_uncached_weights(make_model, folder: Path, tmp_path: Path, vision, plan) -> None:
     plain = run(heads_only(make_model, vision, plan), folder, tmp_path / "plain")
     cached = run(heads_only(make_model, vision, plan), folder, tmp_path / "cached", cache="auto")
@@ -112,7 +115,7 @@ def test_a_changed_transform_or_backbone_gets_its_own_cache(make_model, folder: 
     assert len(list((tmp_path / "out" / "feature-cache").glob("*.safetensors"))) == 3
 
 
-@pytest.mark.parametrize("plan", [HEADS_ONLY, VISION_TOP], ids=["heads-only", "vit-top-block"])
+@pytest.mark.parametrize("plan", [HEADS_ONLY, VISION_TOP, DEEP], ids=["heads-only", "vit-top-block", "deep"])
 def test_resume_with_the_cache_is_exact(make_model, folder: Path, tmp_path: Path, plan) -> None:
     out = tmp_path / "run"
     options = {"steps": 12, "save_every": 6, "cache": "auto", "cache_views": 3, "resume": "auto",
@@ -127,6 +130,37 @@ def test_resume_with_the_cache_is_exact(make_model, folder: Path, tmp_path: Path
     assert resumed.resumed_from == 6
     assert cache.stat().st_mtime_ns == written  # the resumed run read the cache its first part wrote
     assert max_difference(straight, weights(out)) < 1e-6
+
+
+def test_deep_caches_each_captions_token_states_and_its_length(make_model, folder: Path, tmp_path: Path) -> None:
+    meta = folder / "metadata.jsonl"
+    lines = [json.loads(line) for line in meta.read_text().splitlines()]
+    for i, line in enumerate(lines):  # captions of 3 to 11 words
+        line["caption"] += " and a red square" * (i % 3)
+    meta.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    data, _, data_config = resolve_data(None, DataConfig(source=str(folder), text_column="caption",
+                                                         augment="none", num_workers=0), 0)
+    model = heads_only(make_model, plan=DEEP)
+    features = build_cache(model, data, TrainConfig(output_dir=str(tmp_path / "out"), cache="auto"), data_config,
+                           progress=False)
+    depth = len(model.text.backbone_blocks())
+    assert features.text_depth == depth and features.texts.dim() == 3
+    assert len(set(features.text_lengths.tolist())) > 1  # captions of different lengths: padding is exercised
+    rows = torch.nonzero(features.text_of_row >= 0)[[0, 5, 9], 0]  # three good rows
+    batch = {"image_index": features.image_of_row[rows], "text_index": features.text_of_row[rows]}
+    inputs = features.inputs(batch)
+    tokens = model.tokenize([data[int(r)]["text"] for r in rows])
+    assert torch.equal(inputs["attention_mask"], tokens["attention_mask"])  # padded to the batch's longest
+    with torch.no_grad():
+        expected = model.eval().text.forward_prefix(tokens, depth)[0]
+    mask = tokens["attention_mask"].bool()
+    assert torch.allclose(inputs["text_hidden"][mask], expected[mask], atol=1e-5)
+    # The model trains the appended layer from them as from the tokens.
+    with torch.no_grad():
+        from_cache = model(image_features=torch.zeros(3, model.vision_proj.in_features), **{
+            k: v for k, v in inputs.items() if k != "image_hidden"}).text_embeds
+        live = model.encode_text(tokens)
+    assert torch.allclose(from_cache, live, atol=1e-5)
 
 
 def test_a_cache_over_the_size_limit_is_refused(make_model, folder: Path, tmp_path: Path) -> None:

@@ -173,23 +173,31 @@ class TextTower(Tower):
         if not self.can_split:  # the whole backbone is the "stem"; only appended blocks run apart
             hidden = self.backbone(**inputs).last_hidden_state
             return hidden, TextContext(attention_mask)
-        from transformers.masking_utils import create_bidirectional_mask
-
         b, ids = self.backbone, inputs["input_ids"]
-        position_bias = None
         if self.family == "t5":  # what T5Stack.forward does before its blocks
             hidden = b.encoder.dropout(b.encoder.embed_tokens(ids))
-            attention = b.encoder.block[0].layer[0].SelfAttention
-            position_bias = attention.compute_bias(ids.shape[1], ids.shape[1], device=ids.device)
         elif self.family == "bert":
             extra = {"token_type_ids": inputs["token_type_ids"]} if "token_type_ids" in inputs else {}
             hidden = b.embeddings(input_ids=ids, **extra)
         else:
             hidden = b.embeddings(input_ids=ids)
-        if self.family == "mpnet":
+        return hidden, self.context_for(hidden, attention_mask)
+
+    def context_for(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> TextContext:
+        """What the layers need besides `hidden`, rebuilt from the attention mask (as embed() builds it; the
+        feature cache keeps hidden states after a frozen prefix and their masks, not the context)."""
+        if not self.can_split:
+            return TextContext(attention_mask)
+        from transformers.masking_utils import create_bidirectional_mask
+
+        b, position_bias = self.backbone, None
+        if self.family == "t5":  # what T5Stack.forward does before its blocks
+            attention = b.encoder.block[0].layer[0].SelfAttention
+            position_bias = attention.compute_bias(hidden.shape[1], hidden.shape[1], device=hidden.device)
+        elif self.family == "mpnet":
             position_bias = b.encoder.compute_position_bias(hidden)
         layer_mask = create_bidirectional_mask(config=b.config, inputs_embeds=hidden, attention_mask=attention_mask)
-        return hidden, TextContext(attention_mask, layer_mask, position_bias)
+        return TextContext(attention_mask, layer_mask, position_bias)
 
     def run_block(self, block: nn.Module, hidden: torch.Tensor, context: TextContext) -> torch.Tensor:
         if context.position_bias is not None:
