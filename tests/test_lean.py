@@ -46,8 +46,8 @@ def _step(net: nn.Module, x: torch.Tensor, bf16: bool = False) -> tuple[torch.Te
         return t
 
     x = x.clone().requires_grad_(True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", torch.bfloat16,
-                                                                                      enabled=bf16):
+    autocast = torch.autocast("cpu", torch.bfloat16, enabled=bf16)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
         y = net(x)
     (y.float() ** 2).sum().backward()
     grads = [p.grad.clone() for p in net.parameters() if p.requires_grad] + [x.grad]
