@@ -16,6 +16,12 @@ CHECKS = (
     *((f"{p} peak RSS vs lilt full", p, "memory_vs_full", 0.5, False) for p in ("lwa", "layernorm")),
     *((f"{p} (gradient checkpointing) peak RSS vs lilt full", p, "memory_vs_full", 0.5, False)
       for p in ("lwa-ckpt", "layernorm-ckpt")),
+    # The same bounds under bf16 autocast (train.mixed_precision=bf16), against lilt full in fp32.
+    *((f"{p} vs lilt full (fp32)", p, "vs_full", 1.6, True) for p in ("lwa-bf16", "lora-bf16", "bitfit-bf16")),
+    *((f"{p} peak RSS vs lilt full (fp32)", p, "memory_vs_full", 0.5, False) for p in ("lwa-bf16", "layernorm-bf16")),
+    *((f"{p} {what} vs lilt full (fp32)", p, kind, bound, at_least)
+      for p in ("lwa-ckpt-bf16", "layernorm-ckpt-bf16")
+      for what, kind, bound, at_least in (("speed", "vs_full", 1.6, True), ("peak RSS", "memory_vs_full", 0.5, False))),
     *((f"{p} vs open_clip's same set", p, "vs_open_clip", 1.0, True)
       for p in ("full", "lock-image", "text-ln", "heads")),
 )

@@ -52,8 +52,8 @@ class VisionConfig(ConfigBase):
                                  "so their running statistics never change")
     channels_last: bool = knob(True, "run convolutional backbones in channels_last memory format "
                                "(about 1.7x faster on CPU for EfficientNet)")
-    lean_backward: bool = knob(True, "frozen convolutions and frozen-statistics BatchNorm+activation layers keep "
-                               "only what their backward reads (lilt.lean; same gradients, less memory)")
+    lean_backward: bool = knob(True, "frozen Linear and convolution layers and frozen-statistics BatchNorm+activation "
+                               "layers keep only what their backward reads (lilt.lean; same gradients, less memory)")
     mask_ratio: float = knob(0.0, "FLIP: share of image patches a ViT tower drops at random while training "
                              "(0.5 about halves the tower's cost); none at evaluation. ViT towers only")
 
@@ -79,6 +79,8 @@ class TextConfig(ConfigBase):
                               "(e5 models: 'query: ')")
     max_length: int | None = knob(None, "maximum tokens per caption; None uses the backbone's default (32)")
     model_kwargs: dict = knob({}, "extra keyword arguments for AutoModel.from_pretrained")
+    lean_backward: bool = knob(True, "frozen Linear layers keep no input for the backward (lilt.lean; same "
+                               "gradients, less memory)")
 
     def validate(self) -> None:
         if not self.name:

@@ -1,4 +1,4 @@
-"""Frozen CNN layers that keep only what their backward pass reads (`VisionConfig.lean_backward`).
+"""Frozen layers that keep only what their backward pass reads (`VisionConfig`/`TextConfig.lean_backward`).
 
 A PEFT plan that trains BatchNorm affines or adapters in every block of a frozen CNN still back-propagates
 through every frozen convolution. PyTorch's convolution node keeps its input for a weight gradient that a
@@ -10,6 +10,8 @@ autocast): 1161 MiB kept for the backward across the blocks. Here a frozen convo
 and the activation's mask in the backward (elementwise work, no GEMM). Gradients are the ones PyTorch
 computes (the same ATen backward kernels), so nothing else changes; training BatchNorm statistics, a
 trainable convolution weight, `torch.no_grad` and an input that needs no gradient take the stock path.
+A frozen Linear (transformer towers) likewise keeps neither its input nor, under autocast, a bf16 copy of its
+weight (both the towers' text layers and a ViT's).
 """
 
 from __future__ import annotations
@@ -86,6 +88,35 @@ class LeanConv2dSame(Conv2dSame):
         return _FrozenConv2d.apply(x, self.weight, self.bias, (self.stride, (0, 0), self.dilation, self.groups))
 
 
+class _FrozenLinear(torch.autograd.Function):
+    """linear whose backward computes the input gradient only, so neither the input nor (under autocast) a
+    low-precision copy of the weight is kept."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        out = F.linear(x, weight, bias)
+        ctx.save_for_backward(weight)
+        ctx.input_dtype = x.dtype
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (weight,) = ctx.saved_tensors
+        return (grad_out @ weight.to(grad_out.dtype)).to(ctx.input_dtype), None, None
+
+
+class LeanLinear(nn.Linear):
+    """nn.Linear that, with a frozen weight and bias, keeps no input for the backward pass."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The stock layer; the lean node when only the input needs a gradient."""
+        frozen = not self.weight.requires_grad and (self.bias is None or not self.bias.requires_grad)
+        if not (frozen and x.requires_grad and torch.is_grad_enabled()):
+            return super().forward(x)
+        return _FrozenLinear.apply(x, self.weight, self.bias)
+
+
 class _FrozenStatsBatchNormAct(torch.autograd.Function):
     """Eval-mode batch_norm + activation keeping only the input; the backward recomputes both."""
 
@@ -141,11 +172,12 @@ class LeanBatchNormAct2d(BatchNormAct2d):
 
 
 # Exact classes only: a subclass may change forward in ways the lean twin would skip.
-_LEAN = {nn.Conv2d: LeanConv2d, Conv2dSame: LeanConv2dSame, BatchNormAct2d: LeanBatchNormAct2d}
+_LEAN = {nn.Conv2d: LeanConv2d, Conv2dSame: LeanConv2dSame, BatchNormAct2d: LeanBatchNormAct2d, nn.Linear: LeanLinear}
 
 
 def make_lean(module: nn.Module) -> int:
-    """Switch a backbone's Conv2d, timm Conv2dSame and BatchNormAct2d layers to their lean twins; returns how many.
+    """Switch a backbone's Linear, Conv2d, timm Conv2dSame and BatchNormAct2d layers to their lean twins; returns
+    how many.
 
     The classes change in place (same parameters, buffers and state-dict keys), so peft and plans that wrap
     or unfreeze these layers later see ordinary Conv2d / BatchNormAct2d instances.

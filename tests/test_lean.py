@@ -10,7 +10,7 @@ import torch
 from timm.layers import BatchNormAct2d, Conv2dSame
 from torch import nn
 
-from lilt.lean import LeanBatchNormAct2d, LeanConv2d, LeanConv2dSame, make_lean
+from lilt.lean import LeanBatchNormAct2d, LeanConv2d, LeanConv2dSame, LeanLinear, make_lean
 from lilt.plan import TuningPlan, apply_plan
 
 
@@ -88,6 +88,23 @@ def test_lean_under_bf16_autocast_matches_stock() -> None:
         torch.testing.assert_close(b, a, rtol=2e-2, atol=1e-3)
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_a_frozen_linear_keeps_neither_its_input_nor_a_weight_copy(bf16: bool) -> None:
+    torch.manual_seed(0)
+    stock = nn.Sequential(nn.Linear(8, 32), nn.LayerNorm(32), nn.Linear(32, 8)).requires_grad_(False)
+    stock[1].requires_grad_(True)  # LayerNorm tuning between two frozen layers
+    lean = copy.deepcopy(stock)
+    assert make_lean(lean) == 2 and isinstance(lean[0], LeanLinear)
+    x = torch.randn(4, 5, 8)
+    y0, g0, kept0 = _step(stock, x, bf16)
+    y1, g1, kept1 = _step(lean, x, bf16)
+    assert torch.equal(y0, y1)
+    for a, b in zip(g0, g1):
+        assert b.dtype == a.dtype
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert kept1 < 0.7 * kept0, (kept0, kept1)
+
+
 def test_trainable_weights_train_statistics_and_no_grad_take_the_stock_path() -> None:
     stock = _net(nn.ReLU6)  # everything trainable: the conv weights need their inputs
     lean = copy.deepcopy(stock)
@@ -107,21 +124,24 @@ def test_trainable_weights_train_statistics_and_no_grad_take_the_stock_path() ->
         assert lean.eval()(x).grad_fn is None
 
 
-def test_vision_tower_is_lean_by_default_and_trains_the_same(make_model) -> None:
+def test_towers_are_lean_by_default_and_train_the_same(make_model) -> None:
     plan = TuningPlan.from_dict({"name": "ln", "rules": [{"tower": "both", "method": "layernorm", "layers": "all"}]})
     models = []
     for lean in (True, False):
-        model = make_model("cnn", vision_options={"image_size": 32, "lean_backward": lean})
+        model = make_model("cnn", vision_options={"image_size": 32, "lean_backward": lean},
+                           text_options={"lean_backward": lean})
         apply_plan(model, plan)
-        models.append(model.train())
-    kinds = [{type(m).__name__ for m in model.vision.modules()} for model in models]
-    assert "LeanBatchNormAct2d" in kinds[0] and "LeanConv2d" in kinds[0]
+        models.append(model.eval())  # no dropout: both runs see the same text activations
+    kinds = [{type(m).__name__ for m in model.modules()} for model in models]
+    assert {"LeanBatchNormAct2d", "LeanConv2d", "LeanLinear"} <= kinds[0]
     assert not any(k.startswith("Lean") for k in kinds[1])
     images = torch.randn(4, 3, 32, 32)
     grads = []
     for model in models:
-        model.encode_image(images).square().sum().backward()
-        grads.append({n: p.grad for n, p in model.vision.named_parameters() if p.requires_grad})
-    assert grads[0].keys() == grads[1].keys() and grads[0]
+        loss = model.encode_image(images).square().sum() + model.encode_text(["a red square", "a dog"]).sum()
+        loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad and ".backbone." in n})
+    assert grads[0].keys() == grads[1].keys()
+    assert any(n.startswith("text.") for n in grads[0]) and any(n.startswith("vision.") for n in grads[0])
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)

@@ -14,6 +14,7 @@ from transformers.utils import logging as hf_logging
 
 from ..config import TextConfig
 from ..errors import ConfigError
+from ..lean import make_lean
 from .base import LAYOUTS, Tower, weights_sha256
 from .packaged import is_packaged, packaged_info, packaged_path
 
@@ -116,6 +117,8 @@ class TextTower(Tower):
         self.tokenizer = tokenizer
         self.hidden_size = int(getattr(backbone.config, "hidden_size", None) or backbone.config.d_model)
         self.family, self._layers_path = self._find_family()
+        if config.lean_backward:
+            make_lean(self.backbone)
         # Known families expose embeddings and layers, so the prefix can run apart and be cached.
         self.can_split = self.family != "generic"
         self.layout = LAYOUTS.get(self.family)
