@@ -91,8 +91,9 @@ CONFIGS.update({f"{plan}-bf16": (_recipe(plan), None) for plan in ("full", "lwa"
 CONFIGS.update({f"{plan}-ckpt-bf16": (_recipe(plan), None) for plan in ("lwa", "layernorm")})  # both at once
 BF16 = {"full-bf16", "lwa-bf16", "layernorm-bf16", "lora-bf16", "bitfit-bf16", "lwa-ckpt-bf16", "layernorm-ckpt-bf16"}
 CHECKPOINTED |= {"lwa-ckpt-bf16", "layernorm-ckpt-bf16"}
-# What lilt.lean buys: the same plans with VisionConfig.lean_backward off (frozen convolutions keep their input,
-# BatchNorm+activation its input and output, as stock PyTorch / timm layers do).
+# What lilt.lean buys in the vision tower, where the activations are: the same plans with
+# VisionConfig.lean_backward off (frozen convolutions keep their input, BatchNorm+activation its input and
+# output, as stock PyTorch / timm layers do); the text tower's frozen Linear layers stay lean in both.
 CONFIGS.update({"lwa-stock": (_recipe("lwa"), None), "lwa-bf16-stock": (_recipe("lwa"), None)})
 BF16 |= {"lwa-bf16-stock"}
 STOCK = {"lwa-stock", "lwa-bf16-stock"}
