@@ -64,7 +64,9 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
 def _lean_conv(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     """Whether only the input of this convolution call needs a gradient."""
     frozen = not conv.weight.requires_grad and (conv.bias is None or not conv.bias.requires_grad)
-    return frozen and x.requires_grad and torch.is_grad_enabled() and conv.padding_mode == "zeros"
+    # padding="same"/"valid" (a string) has no explicit amounts for the backward kernel: the stock path.
+    return (frozen and x.requires_grad and torch.is_grad_enabled() and conv.padding_mode == "zeros"
+            and not isinstance(conv.padding, str))
 
 
 class LeanConv2d(nn.Conv2d):

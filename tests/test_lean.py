@@ -115,6 +115,15 @@ def test_trainable_weights_train_statistics_and_no_grad_take_the_stock_path() ->
     assert len(g1) == len(g0) and kept1 >= 0.6 * kept0
     for a, b in zip(g0, g1):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    # A string padding ("same") and a non-zero padding mode have no lean node; they train as before.
+    odd = nn.Sequential(nn.Conv2d(3, 4, 3, padding="same"), nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"),
+                        nn.LayerNorm(16)).requires_grad_(False)
+    odd[2].requires_grad_(True)
+    lean_odd = copy.deepcopy(odd)
+    assert make_lean(lean_odd) == 2
+    x_odd = torch.randn(2, 3, 16, 16)
+    for a, b in zip(_step(odd, x_odd)[1], _step(lean_odd, x_odd)[1]):
+        torch.testing.assert_close(b, a)
     # Train-mode BatchNorm still updates its running statistics.
     lean.train()
     before = lean[1].running_mean.clone()
