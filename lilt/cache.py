@@ -75,7 +75,7 @@ def text_depth(model: torch.nn.Module) -> int | None:
 
 def _text_mode(model: torch.nn.Module) -> str:
     depth = text_depth(model)
-    return "pooled" if text_cached(model) else ("live" if depth is None else f"text-blocks:{depth}")
+    return "pooled" if text_cached(model) else ("live" if depth is None else f"text-tokens:{depth}")
 
 
 def cache_refusal(model: torch.nn.Module, config: TrainConfig, data_config: DataConfig, data: Any) -> str | None:
@@ -141,7 +141,8 @@ class FeatureCache:
     """Cached pooled features and, per table row, where its image (view 0) and caption sit; bad rows named."""
 
     images: torch.Tensor  # (images * views, *what the heads or the first trainable block take); image * views + view
-    texts: torch.Tensor  # (captions, text width), or (captions, tokens, width) after a frozen text prefix
+    # (captions, text width); after a frozen text prefix, (all their tokens, width), caption after caption
+    texts: torch.Tensor
     image_of_row: torch.Tensor  # per table row: image index, -1 for a bad row
     text_of_row: torch.Tensor  # per table row: caption index, -1 for a bad row
     bad: dict[int, str]
@@ -150,7 +151,11 @@ class FeatureCache:
     depth: int | None = None  # vision blocks run before caching; None: the pooled output
     texts_cached: bool = True  # False: the text tower trains from its embeddings on, so batches carry tokens
     text_depth: int | None = None  # frozen text layers run before caching; None: pooled (or not cached)
-    text_lengths: torch.Tensor | None = None  # per caption: its tokens in `texts` (the rest is padding)
+    text_lengths: torch.Tensor | None = None  # per caption: its tokens in `texts`
+
+    def __post_init__(self) -> None:
+        # Where each caption's tokens start in `texts`.
+        self.text_starts = None if self.text_lengths is None else torch.cumsum(self.text_lengths, 0) - self.text_lengths
 
     @property
     def nbytes(self) -> int:
@@ -161,7 +166,7 @@ class FeatureCache:
         """The feature tensors on `device` (heads-only training reads them every step)."""
         self.images, self.texts = self.images.to(device), self.texts.to(device)
         if self.text_lengths is not None:
-            self.text_lengths = self.text_lengths.to(device)
+            self.text_lengths, self.text_starts = self.text_lengths.to(device), self.text_starts.to(device)
         return self
 
     def inputs(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -170,10 +175,13 @@ class FeatureCache:
         inputs = {key: self.images[batch["image_index"].to(self.images.device)]}
         index = batch["text_index"].to(self.texts.device)
         if self.text_depth is not None:
-            lengths = self.text_lengths[index]
-            longest = int(lengths.max())
-            inputs["text_hidden"] = self.texts[index, :longest]
-            inputs["attention_mask"] = (torch.arange(longest, device=lengths.device) < lengths[:, None]).long()
+            lengths, starts = self.text_lengths[index], self.text_starts[index]
+            positions = torch.arange(int(lengths.max()), device=lengths.device)
+            mask = positions < lengths[:, None]
+            # Padding positions (masked out of attention and pooling) read zeros.
+            rows = torch.where(mask, starts[:, None] + positions, 0)
+            inputs["text_hidden"] = self.texts[rows] * mask[..., None].to(self.texts.dtype)
+            inputs["attention_mask"] = mask.long()
         elif self.texts_cached:
             inputs["text_features"] = self.texts[index]
         else:
@@ -229,7 +237,7 @@ def build_cache(model: torch.nn.Module, data: datasets.Dataset, config: TrainCon
         captions = sorted({t for t in data["text"] if isinstance(t, str)}, key=lambda t: (len(t), t)) \
             if cached_text else []
         n_images = int(ids.max()) + 1 if len(ids) else 0
-        # Token states: at most max_length per caption (the file holds the longest caption's length).
+        # Token states: at most max_length per caption (the file holds only real tokens).
         per_caption = model.text_proj.in_features if text_depth(model) is None else \
             model.text.max_length * model.text.hidden_size
         size = 4 * (n_images * views * _image_width(model) + len(captions) * per_caption)
@@ -309,7 +317,7 @@ def _fill(model: torch.nn.Module, data: datasets.Dataset, config: TrainConfig, d
         bar.close()
         model.train(was_training)
     images = torch.cat(image_rows) if image_rows else torch.empty(0, _image_width(model))
-    texts = _stack_captions(text_rows) if text_rows else torch.empty(0, model.text_proj.in_features)
+    texts = torch.cat(text_rows) if text_rows else torch.empty(0, model.text_proj.in_features)
     index = {c: i for i, c in enumerate(captions)}
     image_of_row, text_of_row, bad = [], [], {}
     for row, (image, text) in enumerate(zip(ids.tolist(), data["text"])):
@@ -333,25 +341,15 @@ def _fill(model: torch.nn.Module, data: datasets.Dataset, config: TrainConfig, d
 
 def _encode_captions(model: torch.nn.Module, tokens: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor,
                                                                                           torch.Tensor | None]:
-    """What the cache keeps of a batch of captions: pooled features, or the frozen text prefix's token states
-    with each caption's tokens moved to the front (so a left-padding tokenizer reads back as right-padded)."""
+    """What the cache keeps of a batch of captions: pooled features, or the frozen text prefix's states of their
+    real tokens, caption after caption (no padding; a left-padding tokenizer reads back as right-padded)."""
     depth = text_depth(model)
     if depth is None:
         return model.text_features(tokens).float().cpu(), None
     tokens = {k: v.to(model.device) for k, v in tokens.items()}
     hidden = model.text.forward_prefix(tokens, depth)[0].float().cpu()
     mask = tokens["attention_mask"].cpu().bool()
-    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)  # real tokens first, in order
-    hidden = hidden.gather(1, order[..., None].expand_as(hidden))
-    return hidden, mask.sum(1)
-
-
-def _stack_captions(rows: list[torch.Tensor]) -> torch.Tensor:
-    """Batches of pooled features, or of token states padded (with zeros) to the longest caption of all."""
-    if rows[0].dim() == 2:
-        return torch.cat(rows)
-    longest = max(r.shape[1] for r in rows)
-    return torch.cat([torch.nn.functional.pad(r, (0, 0, 0, longest - r.shape[1])) for r in rows])
+    return hidden[mask], mask.sum(1)  # row-major: each caption's tokens in order, then the next caption's
 
 
 def transform_size(model: torch.nn.Module) -> tuple[int, int]:
