@@ -4,8 +4,8 @@ A PEFT plan that trains BatchNorm affines or adapters in every block of a frozen
 through every frozen convolution. PyTorch's convolution node keeps its input for a weight gradient that a
 frozen weight never asks for, and timm's `BatchNormAct2d` keeps its input for the affine's gradient *and*,
 through the in-place activation, its output for the activation's: per conv -> BN -> act unit, two
-activation-sized tensors where one is enough. Measured on EfficientNet-Lite0 (batch 32, 224 px, bf16
-autocast): 1161 MiB kept for the backward across the blocks. Here a frozen convolution keeps only its
+activation-sized tensors where one is enough. Measured on EfficientNet-Lite0 under `lwa` (batch 32,
+224 px, bf16 autocast): 1244 MiB kept for the backward by the stock layers, 445 MiB by these. Here a frozen convolution keeps only its
 (small) weight, and a BatchNorm with frozen statistics keeps only its input, recomputing the normalisation
 and the activation's mask in the backward (elementwise work, no GEMM). Gradients are the ones PyTorch
 computes (the same ATen backward kernels), so nothing else changes; training BatchNorm statistics, a
