@@ -3,15 +3,15 @@
 A PEFT plan that trains BatchNorm affines or adapters in every block of a frozen CNN still back-propagates
 through every frozen convolution. PyTorch's convolution node keeps its input for a weight gradient that a
 frozen weight never asks for, and timm's `BatchNormAct2d` keeps its input for the affine's gradient *and*,
-through the in-place activation, its output for the activation's: per conv -> BN -> act unit, two activation-
-sized tensors where one is enough. Measured on EfficientNet-Lite0 under `lwa` (batch 32, 224 px, bf16
-autocast): 1244 MiB kept for the backward by the stock layers, 445 MiB by these. Here a frozen convolution
-keeps only its (small) weight, and a BatchNorm with frozen statistics keeps only its input, recomputing the
-normalisation and the activation's mask in the backward (elementwise work, no GEMM). Gradients are the ones
-PyTorch computes (the same ATen backward kernels), so nothing else changes; training BatchNorm statistics, a
-trainable convolution weight, `torch.no_grad` and an input that needs no gradient take the stock path. A
-frozen Linear (transformer towers) likewise keeps neither its input nor, under autocast, a bf16 copy of its
-weight (both the towers' text layers and a ViT's).
+through the in-place activation, its output for the activation's: per conv -> BN -> act unit, two
+activation-sized tensors where one is enough. Measured on EfficientNet-Lite0 under `lwa` (batch 32, 224 px,
+bf16 autocast): 1244 MiB kept for the backward by the stock layers, 445 MiB by these. Here a frozen
+convolution keeps only its (small) weight, and a BatchNorm with frozen statistics keeps only its input,
+recomputing the normalisation and the activation's mask in the backward (elementwise work, no GEMM). Gradients
+are the ones PyTorch computes (the same ATen backward kernels), so nothing else changes; training BatchNorm
+statistics, a trainable convolution weight, `torch.no_grad` and an input that needs no gradient take the stock
+path. A frozen Linear (transformer towers) likewise keeps neither its input nor, under autocast, a bf16 copy
+of its weight (both the towers' text layers and a ViT's).
 """
 
 from __future__ import annotations
