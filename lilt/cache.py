@@ -228,17 +228,18 @@ def build_cache(model: torch.nn.Module, data: datasets.Dataset, config: TrainCon
     """Read the run's feature cache, or compute and write it first (size checked against train.cache_max_gb)."""
     meta = fingerprint(model, data, config, data_config.augment)
     views = int(meta["views"])
+    prefix = text_depth(model)
+    cached_text = text_cached(model) or prefix is not None
     path = cache_folder(config) / f"features-{_sha(sorted(meta.items()))[:24]}.safetensors"
     if not path.is_file():
         ids = image_ids(data)
-        cached_text = text_cached(model) or text_depth(model) is not None
         # Shortest first: fill batches of similar length pad little (a 12-layer text prefix over padding was
         # half the fill of a deep plan's cache).
         captions = sorted({t for t in data["text"] if isinstance(t, str)}, key=lambda t: (len(t), t)) \
             if cached_text else []
         n_images = int(ids.max()) + 1 if len(ids) else 0
         # Token states: at most max_length per caption (the file holds only real tokens).
-        per_caption = model.text_proj.in_features if text_depth(model) is None else \
+        per_caption = model.text_proj.in_features if prefix is None else \
             model.text.max_length * model.text.hidden_size
         size = 4 * (n_images * views * _image_width(model) + len(captions) * per_caption)
         if size > config.cache_max_gb * 1e9:
@@ -248,8 +249,7 @@ def build_cache(model: torch.nn.Module, data: datasets.Dataset, config: TrainCon
             tqdm.write(f"feature cache: {n_images} images x {views} view(s) + {len(captions)} captions = "
                        f"{size / 1e6:.1f} MB -> {path}")
         _fill(model, data, config, data_config, ids, captions, views, meta, path, progress)
-    return _read(path, views, vision_depth(model), text_cached(model) or text_depth(model) is not None,
-                 text_depth(model))
+    return _read(path, views, vision_depth(model), cached_text, prefix)
 
 
 def _encode_images(model: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:

@@ -61,12 +61,16 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def _only_input_needs_grad(layer: nn.Module, x: torch.Tensor) -> bool:
+    """Whether, of this Linear/convolution call, only the input needs a gradient (weight and bias frozen)."""
+    frozen = not layer.weight.requires_grad and (layer.bias is None or not layer.bias.requires_grad)
+    return frozen and x.requires_grad and torch.is_grad_enabled()
+
+
 def _lean_conv(conv: nn.Conv2d, x: torch.Tensor) -> bool:
-    """Whether only the input of this convolution call needs a gradient."""
-    frozen = not conv.weight.requires_grad and (conv.bias is None or not conv.bias.requires_grad)
+    """Whether this convolution call can take the lean node."""
     # padding="same"/"valid" (a string) has no explicit amounts for the backward kernel: the stock path.
-    return (frozen and x.requires_grad and torch.is_grad_enabled() and conv.padding_mode == "zeros"
-            and not isinstance(conv.padding, str))
+    return _only_input_needs_grad(conv, x) and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
 
 
 class LeanConv2d(nn.Conv2d):
@@ -113,8 +117,7 @@ class LeanLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The stock layer; the lean node when only the input needs a gradient."""
-        frozen = not self.weight.requires_grad and (self.bias is None or not self.bias.requires_grad)
-        if not (frozen and x.requires_grad and torch.is_grad_enabled()):
+        if not _only_input_needs_grad(self, x):
             return super().forward(x)
         return _FrozenLinear.apply(x, self.weight, self.bias)
 
