@@ -12,6 +12,13 @@ are the ones PyTorch computes (the same ATen backward kernels), so nothing else 
 statistics, a trainable convolution weight, `torch.no_grad` and an input that needs no gradient take the stock
 path. A frozen Linear (transformer towers) likewise keeps neither its input nor, under autocast, a bf16 copy
 of its weight (both the towers' text layers and a ViT's).
+
+peft's LoRA on a frozen 1x1 convolution or Linear (`lora` plan) runs as one node too: peft's forward casts the
+input to the adapter's fp32 (under bf16 autocast: a full-size copy, then cast back by the convolution), runs
+B(A(x)) into a full-size tensor, scales it and adds it, and the backward walks each of those again. Here the
+update is added into the base output by one in-place GEMM on the rank-r projection, and its backward adds the
+branch's input gradient into the base's the same way: on the packaged EfficientNet those elementwise passes at
+full resolution were most of what `lora` cost beyond the other plans.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from torch.autograd.function import once_differentiable
 
 from timm.layers import BatchNormAct2d, Conv2dSame
 from timm.layers.padding import pad_same
+from peft.tuners.lora import layer as lora_layer
 
 
 class _FrozenConv2d(torch.autograd.Function):
@@ -176,13 +184,137 @@ class LeanBatchNormAct2d(BatchNormAct2d):
         return _FrozenStatsBatchNormAct.apply(x, self.weight, self.bias, self)
 
 
+def _rows(t: torch.Tensor, conv: bool) -> torch.Tensor | None:
+    """A (rows, channels) view of a channels_last image tensor (conv) or a (..., features) tensor; None when only a
+    copy would give one."""
+    if conv:
+        if not t.is_contiguous(memory_format=torch.channels_last):
+            return None
+        return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])  # a view: channels are the fastest dimension
+    return t.view(-1, t.shape[-1]) if t.is_contiguous() else None
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the stock layer would compute in: autocast's when it is on, else the input's."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+class _LeanLoRA(torch.autograd.Function):
+    """base(x) + scaling * B(A(x)) for a frozen 1x1 convolution or Linear base, with no full-size intermediate."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
+                b: torch.Tensor, scaling: float, conv: bool) -> torch.Tensor:
+        dtype = _compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            xc = x.to(dtype)
+            bias_c = None if bias is None else bias.to(dtype)
+            out = F.conv2d(xc, weight.to(dtype), bias_c) if conv else F.linear(xc, weight.to(dtype), bias_c)
+            x2 = _rows(xc, conv)
+            z2 = x2 @ a.reshape(a.shape[0], -1).to(dtype).T  # (rows, r): the only new activation
+            b2 = b.reshape(b.shape[0], -1).to(dtype)
+            out2 = _rows(out, conv)
+            if out2 is not None:
+                out2.addmm_(z2, b2.T, alpha=scaling)
+            else:  # a layout with no row view (never the case for channels_last convs or Linear)
+                out = out + (z2 @ b2.T * scaling).view(*out.shape[:1], *out.shape[2:], -1).movedim(-1, 1)
+        ctx.save_for_backward(xc, z2, weight, a, b)
+        ctx.meta = (x.dtype, x.shape, scaling, conv)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        xc, z2, weight, a, b = ctx.saved_tensors
+        x_dtype, x_shape, scaling, conv = ctx.meta
+        dtype = xc.dtype
+        g = grad_out.to(dtype)
+        if conv:
+            g = g.contiguous(memory_format=torch.channels_last)
+            g2 = g.permute(0, 2, 3, 1).reshape(-1, g.shape[1])
+        else:
+            g2 = g.reshape(-1, g.shape[-1])
+        a2 = a.reshape(a.shape[0], -1).to(dtype)
+        b2 = b.reshape(b.shape[0], -1).to(dtype)
+        u2 = g2 @ b2  # (rows, r)
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[3]:
+            grad_a = (torch.mm(u2.T, _rows(xc, conv)) * scaling).to(a.dtype).view(a.shape)
+        if ctx.needs_input_grad[4]:
+            # (r, rows) @ (rows, out), then transposed: the (out, rows) @ (rows, r) order ran ~10x slower on CPU.
+            grad_b = (torch.mm(z2.T, g2).T * scaling).to(b.dtype).reshape(b.shape)
+        if ctx.needs_input_grad[0]:
+            gx2 = g2 @ weight.reshape(weight.shape[0], -1).to(dtype)
+            gx2.addmm_(u2, a2, alpha=scaling)
+            if conv:
+                n, c, h, w = x_shape
+                grad_x = gx2.view(n, h, w, c).permute(0, 3, 1, 2)  # channels_last, as the input was
+            else:
+                grad_x = gx2.view(x_shape)
+            grad_x = grad_x.to(x_dtype)
+        return grad_x, None, None, grad_a, grad_b, None, None
+
+
+def _lean_lora_branch(layer: lora_layer.LoraLayer, x: torch.Tensor) -> tuple[nn.Module, nn.Module, float] | None:
+    """(A, B, scaling) when this peft LoRA call is the plain case the lean node computes, else None."""
+    if layer.disable_adapters or layer.merged or getattr(layer, "fan_in_fan_out", False):
+        return None
+    active = [name for name in layer.active_adapters if name in layer.lora_A]
+    if len(active) != 1:
+        return None
+    name = active[0]
+    if name in layer.lora_variant or not isinstance(layer.lora_dropout[name], nn.Identity):
+        return None
+    a, b, base = layer.lora_A[name], layer.lora_B[name], layer.get_base_layer()
+    if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+        return None
+    if a.bias is not None or b.bias is not None:
+        return None
+    if isinstance(base, nn.Conv2d):
+        pointwise = all(c.kernel_size == (1, 1) and c.stride == (1, 1) and c.padding == (0, 0)
+                        and c.dilation == (1, 1) and c.groups == 1 for c in (base, a, b))
+        if not (pointwise and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)):
+            return None
+    elif not (isinstance(base, nn.Linear) and x.dim() >= 2 and x.is_contiguous()):
+        return None
+    return a, b, float(layer.scaling[name])
+
+
+class LeanLoraConv2d(lora_layer.Conv2d):
+    """peft's LoRA Conv2d; a frozen 1x1 base on a channels_last input runs as one lean node."""
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """peft's forward, or the lean node in the plain case (one adapter, no dropout, no variant)."""
+        branch = None if args or kwargs else _lean_lora_branch(self, x)
+        if branch is None:
+            return super().forward(x, *args, **kwargs)
+        a, b, scaling = branch
+        base = self.get_base_layer()
+        return _LeanLoRA.apply(x, base.weight, base.bias, a.weight, b.weight, scaling, True)
+
+
+class LeanLoraLinear(lora_layer.Linear):
+    """peft's LoRA Linear over a frozen base, as one lean node in the plain case."""
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """peft's forward, or the lean node in the plain case (one adapter, no dropout, no variant)."""
+        branch = None if args or kwargs else _lean_lora_branch(self, x)
+        if branch is None:
+            return super().forward(x, *args, **kwargs)
+        a, b, scaling = branch
+        base = self.get_base_layer()
+        return _LeanLoRA.apply(x, base.weight, base.bias, a.weight, b.weight, scaling, False)
+
+
 # Exact classes only: a subclass may change forward in ways the lean twin would skip.
-_LEAN = {nn.Conv2d: LeanConv2d, Conv2dSame: LeanConv2dSame, BatchNormAct2d: LeanBatchNormAct2d, nn.Linear: LeanLinear}
+_LEAN = {nn.Conv2d: LeanConv2d, Conv2dSame: LeanConv2dSame, BatchNormAct2d: LeanBatchNormAct2d, nn.Linear: LeanLinear,
+         lora_layer.Conv2d: LeanLoraConv2d, lora_layer.Linear: LeanLoraLinear}
 
 
 def make_lean(module: nn.Module) -> int:
-    """Switch a backbone's Linear, Conv2d, timm Conv2dSame and BatchNormAct2d layers to their lean twins; returns
-    how many.
+    """Switch a backbone's Linear, Conv2d, timm Conv2dSame, BatchNormAct2d and peft LoRA layers to their lean twins;
+    returns how many.
 
     The classes change in place (same parameters, buffers and state-dict keys), so peft and plans that wrap
     or unfreeze these layers later see ordinary Conv2d / BatchNormAct2d instances.

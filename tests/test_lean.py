@@ -10,7 +10,10 @@ import torch
 from timm.layers import BatchNormAct2d, Conv2dSame
 from torch import nn
 
-from lilt.lean import LeanBatchNormAct2d, LeanConv2d, LeanConv2dSame, LeanLinear, make_lean
+from peft import LoraConfig, inject_adapter_in_model
+
+from lilt.lean import (LeanBatchNormAct2d, LeanConv2d, LeanConv2dSame, LeanLinear, LeanLoraConv2d, LeanLoraLinear,
+                       make_lean)
 from lilt.plan import TuningPlan, apply_plan
 
 
@@ -133,16 +136,89 @@ def test_trainable_weights_train_statistics_and_no_grad_take_the_stock_path() ->
         assert lean.eval()(x).grad_fn is None
 
 
-def test_towers_are_lean_by_default_and_train_the_same(make_model) -> None:
-    plan = TuningPlan.from_dict({"name": "ln", "rules": [{"tower": "both", "method": "layernorm", "layers": "all"}]})
+class _LoraNet(nn.Module):
+    """1x1 conv -> ReLU -> 1x1 conv -> Linear over channels: the layers peft's LoRA wraps in lilt's towers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pw, self.pwl, self.fc = nn.Conv2d(8, 16, 1), nn.Conv2d(16, 8, 1, bias=False), nn.Linear(8, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pwl(torch.relu(self.pw(x))).permute(0, 2, 3, 1))
+
+
+def _lora_net(dropout: float = 0.0) -> nn.Module:
+    torch.manual_seed(0)
+    net = _LoraNet().requires_grad_(False)
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=["pw", "pwl", "fc"]),
+                            net)
+    for m in net.modules():
+        if hasattr(m, "lora_B"):  # peft zero-initialises B; a trained adapter has both factors non-zero
+            nn.init.normal_(m.lora_B["default"].weight)
+    return net
+
+
+def test_lean_lora_gives_peft_outputs_and_gradients() -> None:
+    stock = _lora_net()
+    lean = copy.deepcopy(stock)
+    make_lean(lean)
+    assert (type(lean.pw), type(lean.pwl), type(lean.fc)) == (LeanLoraConv2d, LeanLoraConv2d, LeanLoraLinear)
+    fresh = copy.deepcopy(stock), copy.deepcopy(lean)  # _step accumulates into .grad
+    x = torch.randn(2, 8, 5, 7).contiguous(memory_format=torch.channels_last)
+    y0, g0, _ = _step(stock, x)
+    y1, g1, _ = _step(lean, x)
+    assert len(g1) == len(g0) == 7  # three A, three B, and the input
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g0, g1):  # summed in another order: fp32 rounding of gradients up to ~20
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4 * a.abs().max().item())
+    assert g1[-1].is_contiguous(memory_format=torch.channels_last)
+    assert "LeanLoRA" in type(lean.pw(x).grad_fn).__name__
+    # Under bf16 autocast both round differently: lean is about as far from the fp32 result as peft is.
+    errors = []
+    for net in fresh:
+        y, g, _ = _step(net, x, bf16=True)
+        assert all(b.dtype == a.dtype for a, b in zip(g0, g))
+        errors.append(torch.tensor([((b - a).norm() / a.norm()).item() for a, b in zip((y0, *g0), (y, *g))]))
+    assert (errors[1] < 1.5 * errors[0] + 0.005).all() and errors[1].max() < 0.05, errors
+    with torch.no_grad():
+        torch.testing.assert_close(lean(x), stock(x), rtol=1e-5, atol=1e-5)
+
+
+def test_lean_lora_leaves_other_cases_to_peft() -> None:
+    x = torch.randn(2, 8, 5, 7)
+    contiguous = _lora_net()
+    make_lean(contiguous)
+    assert "LeanLoRA" not in type(contiguous.pw(x.requires_grad_()).grad_fn).__name__  # NCHW: no row view
+    dropout = _lora_net(dropout=0.5)
+    make_lean(dropout)
+    cl = x.contiguous(memory_format=torch.channels_last)
+    assert "LeanLoRA" not in type(dropout.pw(cl).grad_fn).__name__
+    unfrozen = _lora_net()
+    make_lean(unfrozen)
+    unfrozen.pw.base_layer.weight.requires_grad_(True)
+    assert "LeanLoRA" not in type(unfrozen.pw(cl).grad_fn).__name__
+    unfrozen.pw.merge()
+    assert "LeanLoRA" not in type(unfrozen.pw(cl).grad_fn).__name__
+
+
+@pytest.mark.parametrize("method", ["layernorm", "lora"])
+def test_towers_are_lean_by_default_and_train_the_same(make_model, method: str) -> None:
+    plan = TuningPlan.from_dict({"name": method, "rules": [{"tower": "both", "method": method, "layers": "all"}]})
     models = []
     for lean in (True, False):
         model = make_model("cnn", vision_options={"image_size": 32, "lean_backward": lean},
                            text_options={"lean_backward": lean})
         apply_plan(model, plan)
+        torch.manual_seed(0)
+        for m in model.modules():
+            if hasattr(m, "lora_B"):
+                for b in m.lora_B.values():
+                    nn.init.normal_(b.weight, std=0.1)
         models.append(model.eval())  # no dropout: both runs see the same text activations
     kinds = [{type(m).__name__ for m in model.modules()} for model in models]
     assert {"LeanBatchNormAct2d", "LeanConv2d", "LeanLinear"} <= kinds[0]
+    if method == "lora":
+        assert {"LeanLoraConv2d", "LeanLoraLinear"} <= kinds[0]
     assert not any(k.startswith("Lean") for k in kinds[1])
     images = torch.randn(4, 3, 32, 32)
     grads = []

@@ -10,6 +10,7 @@ from peft import PeftConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from ..lean import make_lean
 from ..towers.base import LAYOUTS, Tower
 from .base import MethodResult, Selection, block_module_names, block_targets
 from ..errors import ConfigError
@@ -64,6 +65,8 @@ def inject(tower: Tower, make_config: Callable[[list[str]], PeftConfig], targets
     for module in tower.modules():
         if isinstance(module, BaseTunerLayer) and len(module.active_adapters) < len(_adapter_names(module)):
             module.set_adapter(_adapter_names(module))
+    if getattr(getattr(tower, "config", None), "lean_backward", False):
+        make_lean(tower)  # peft's new LoRA layers, to their lean twins
     # peft marks only its own adapters trainable; restore what earlier rules decided.
     added = []
     for p in tower.parameters():
