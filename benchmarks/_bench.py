@@ -219,15 +219,15 @@ class Bench:
             return _finish(result, start)
         workers = {"batch_size": config.eval_batch_size, "num_workers": spec.data.num_workers}
         bank = None
-        if row.hubness:
+        if row.ensemble or row.translate:  # hubness, if asked, on the final (translated, mixed) scores
+            self.ensemble(model, spec, train_data, val_data, result, workers, row)
+        elif row.hubness:
             val_pairs = embed_pairs(model, val_data, **workers)
             bank = self.choose_hubness(embed_pairs(model, train_data, **workers), val_pairs, result)
             result["val"] = retrieval_by_lang(bank.correct(val_pairs))["all"]
             test_pairs = embed_pairs(model, self.test, **workers)
             result["test_uncorrected"] = _r1(retrieval_by_lang(test_pairs))
             result["test"] = _r1(retrieval_by_lang(bank.correct(test_pairs)))
-        elif row.ensemble or row.translate:
-            self.ensemble(model, spec, train_data, val_data, result, workers, row)
         else:
             result["test"] = _r1(evaluate_retrieval(model, self.test, **workers))
         result["train_split"] = _r1(evaluate_retrieval(model, self.train_sample, **workers, hubness=bank))
@@ -237,8 +237,10 @@ class Bench:
     def ensemble(self, model: DualEncoder, spec: Recipe, train_data: Any, val_data: Any, result: dict[str, Any],
                  workers: dict[str, Any], row: Row) -> None:
         """Scoring-time levers on a tuned model: translation maps (row.translate) and/or the output-space ensemble
-        (1 - w) cos(tuned) + w cos(ridge map on frozen features) (row.ensemble), each chosen on validation."""
-        tuned = {"val": embed_pairs(model, val_data, **workers), "test": embed_pairs(model, self.test, **workers)}
+        (1 - w) cos(tuned) + w cos(ridge map on frozen features) (row.ensemble), then the CSLS hubness correction
+        of those scores against the training split's (row.hubness), each chosen on validation in that order."""
+        splits = {"val": val_data, "test": self.test, **({"train": train_data} if row.hubness else {})}
+        tuned = {k: embed_pairs(model, d, **workers) for k, d in splits.items()}
         result["test_uncorrected"] = _r1(retrieval_by_lang(tuned["test"]))
         if row.translate:
             table = parallel_of(spec.data, spec.train.seed)
@@ -248,22 +250,25 @@ class Bench:
                                                                                                  **workers))
             self.note_translation(maps, tried, result, "translation")
             tuned = {k: maps.apply(v) for k, v in tuned.items()}
-        if not row.ensemble:
-            result["val"] = retrieval_by_lang(tuned["val"])["all"]
-            result["test"] = _r1(retrieval_by_lang(tuned["test"]))
-            return
-        frozen = {name: self.frozen.of(d) for name, d in (("train", train_data), ("val", val_data),
-                                                          ("test", self.test))}
-        ridge = fit_ridge(frozen["train"], val=frozen["val"])
-        side = {k: ridge_pairs(ridge, frozen[k]) for k in ("val", "test")}
-        if row.translate:
-            maps = self.ridge_translation(ridge, spec, result)
-            side = {k: maps.apply(v) for k, v in side.items()}
-        w, tried = choose_weight(tuned["val"], side["val"])
-        result.setdefault("levers", {}).update(ensemble_weight=w,
-                                               ensemble_val={f"{x:g}": v["mean_recall"] for x, v in tried.items()})
-        result["val"] = tried[w]
-        result["test"] = _r1(retrieval_by_lang(mix_pairs(tuned["test"], side["test"], w)))
+        final = tuned
+        if row.ensemble:
+            frozen = {name: self.frozen.of(d) for name, d in (("train", train_data), ("val", val_data),
+                                                              ("test", self.test))}
+            ridge = fit_ridge(frozen["train"], val=frozen["val"])
+            side = {k: ridge_pairs(ridge, frozen[k]) for k in tuned}
+            if row.translate:
+                maps = self.ridge_translation(ridge, spec, result)
+                side = {k: maps.apply(v) for k, v in side.items()}
+            w, tried = choose_weight(tuned["val"], side["val"])
+            result.setdefault("levers", {}).update(ensemble_weight=w,
+                                                   ensemble_val={f"{x:g}": v["mean_recall"] for x, v in tried.items()})
+            final = {k: mix_pairs(tuned[k], side[k], w) for k in tuned}
+        if row.hubness:
+            result["test_before_hubness"] = _r1(retrieval_by_lang(final["test"]))
+            bank = self.choose_hubness(final["train"], final["val"], result)
+            final = {k: bank.correct(v) for k, v in final.items()}
+        result["val"] = retrieval_by_lang(final["val"])["all"]
+        result["test"] = _r1(retrieval_by_lang(final["test"]))
 
     def ridge_translation(self, ridge: Any, spec: Recipe, result: dict[str, Any]) -> TranslationMaps:
         """Translation maps of data.parallel in the ridge map's text space, chosen on validation (noted in result)."""
