@@ -281,30 +281,25 @@ def _lean_lora_branch(layer: lora_layer.LoraLayer, x: torch.Tensor) -> tuple[nn.
     return a, b, float(layer.scaling[name])
 
 
-class LeanLoraConv2d(lora_layer.Conv2d):
+class _LeanLoraForward:
+    """forward of the lean peft LoRA twins (mixed in before peft's class, whose forward stays the fallback)."""
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """peft's forward, or the lean node in the plain case (one adapter, no dropout, no variant)."""
+        branch = None if args or kwargs else _lean_lora_branch(self, x)
+        if branch is None:
+            return super().forward(x, *args, **kwargs)
+        a, b, scaling = branch
+        base = self.get_base_layer()
+        return _LeanLoRA.apply(x, base.weight, base.bias, a.weight, b.weight, scaling, isinstance(base, nn.Conv2d))
+
+
+class LeanLoraConv2d(_LeanLoraForward, lora_layer.Conv2d):
     """peft's LoRA Conv2d; a frozen 1x1 base on a channels_last input runs as one lean node."""
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """peft's forward, or the lean node in the plain case (one adapter, no dropout, no variant)."""
-        branch = None if args or kwargs else _lean_lora_branch(self, x)
-        if branch is None:
-            return super().forward(x, *args, **kwargs)
-        a, b, scaling = branch
-        base = self.get_base_layer()
-        return _LeanLoRA.apply(x, base.weight, base.bias, a.weight, b.weight, scaling, True)
 
-
-class LeanLoraLinear(lora_layer.Linear):
+class LeanLoraLinear(_LeanLoraForward, lora_layer.Linear):
     """peft's LoRA Linear over a frozen base, as one lean node in the plain case."""
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """peft's forward, or the lean node in the plain case (one adapter, no dropout, no variant)."""
-        branch = None if args or kwargs else _lean_lora_branch(self, x)
-        if branch is None:
-            return super().forward(x, *args, **kwargs)
-        a, b, scaling = branch
-        base = self.get_base_layer()
-        return _LeanLoRA.apply(x, base.weight, base.bias, a.weight, b.weight, scaling, False)
 
 
 # Exact classes only: a subclass may change forward in ways the lean twin would skip.
