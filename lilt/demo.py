@@ -155,6 +155,8 @@ def run_demo(out_dir: Path, recipe: str | Path = "demo", overrides: Sequence[str
         again = "--ridge-ensemble --train-data builtin:emoji-cldr:train"
         if parallel is not None:
             again += f" --parallel {data_config.parallel} --parallel-langs {' '.join(data_config.parallel_targets())}"
+        if spec.eval.hubness:
+            again += " --hubness"
         print(f"trained = the tuned model's scores mixed with the ridge map's (eval.ridge_ensemble), weight {weight:g} "
               f"chosen on validation. The saved model is the tuned one; `lilt eval {again} --val-data "
               "builtin:emoji-cldr:validation` mixes it again.")
