@@ -75,6 +75,8 @@ def rows() -> list[Row]:
             note="the text-to-text term in training, and the maps"),
         Row("lwa+translate+ridge-ensemble", "lever", plan="lwa", overrides=(*parallel, "train.parallel_weight=0"),
             translate=True, ensemble=True, note="maps on both sides of the ridge ensemble"),
+        Row("ridge+translate+hubness", "lever", "ridge", overrides=parallel, translate=True, hubness=True,
+            note="the ridge map with the demo's scoring levers: its maps, then CSLS on the mapped scores"),
         Row("lwa+translate+ridge-ensemble+hubness", "lever", plan="lwa",
             overrides=(*parallel, "train.parallel_weight=0"), translate=True, ensemble=True, hubness=True,
             note="the demo's scores, then CSLS against its own training-split scores"),
