@@ -184,14 +184,13 @@ class LeanBatchNormAct2d(BatchNormAct2d):
         return _FrozenStatsBatchNormAct.apply(x, self.weight, self.bias, self)
 
 
-def _rows(t: torch.Tensor, conv: bool) -> torch.Tensor | None:
-    """A (rows, channels) view of a channels_last image tensor (conv) or a (..., features) tensor; None when only a
-    copy would give one."""
+def _rows(t: torch.Tensor, conv: bool) -> torch.Tensor:
+    """(rows, channels) of an image tensor in channels_last (conv) or of a (..., features) tensor: a view of `t`
+    when it is laid out so (the lean LoRA node's inputs and outputs are), else of a copy."""
     if conv:
-        if not t.is_contiguous(memory_format=torch.channels_last):
-            return None
+        t = t.contiguous(memory_format=torch.channels_last)
         return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])  # a view: channels are the fastest dimension
-    return t.view(-1, t.shape[-1]) if t.is_contiguous() else None
+    return t.reshape(-1, t.shape[-1])
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -211,14 +210,10 @@ class _LeanLoRA(torch.autograd.Function):
             xc = x.to(dtype)
             bias_c = None if bias is None else bias.to(dtype)
             out = F.conv2d(xc, weight.to(dtype), bias_c) if conv else F.linear(xc, weight.to(dtype), bias_c)
-            x2 = _rows(xc, conv)
-            z2 = x2 @ a.reshape(a.shape[0], -1).to(dtype).T  # (rows, r): the only new activation
-            b2 = b.reshape(b.shape[0], -1).to(dtype)
-            out2 = _rows(out, conv)
-            if out2 is not None:
-                out2.addmm_(z2, b2.T, alpha=scaling)
-            else:  # a layout with no row view (never the case for channels_last convs or Linear)
-                out = out + (z2 @ b2.T * scaling).view(*out.shape[:1], *out.shape[2:], -1).movedim(-1, 1)
+            # Laid out for a row view, so the update lands in `out` (already so: no copy).
+            out = out.contiguous(memory_format=torch.channels_last if conv else torch.contiguous_format)
+            z2 = _rows(xc, conv) @ a.reshape(a.shape[0], -1).to(dtype).T  # (rows, r): the only new activation
+            _rows(out, conv).addmm_(z2, b.reshape(b.shape[0], -1).to(dtype).T, alpha=scaling)  # into `out`
         ctx.save_for_backward(xc, z2, weight, a, b)
         ctx.meta = (x.dtype, x.shape, scaling, conv)
         return out
@@ -229,12 +224,7 @@ class _LeanLoRA(torch.autograd.Function):
         xc, z2, weight, a, b = ctx.saved_tensors
         x_dtype, x_shape, scaling, conv = ctx.meta
         dtype = xc.dtype
-        g = grad_out.to(dtype)
-        if conv:
-            g = g.contiguous(memory_format=torch.channels_last)
-            g2 = g.permute(0, 2, 3, 1).reshape(-1, g.shape[1])
-        else:
-            g2 = g.reshape(-1, g.shape[-1])
+        g2 = _rows(grad_out.to(dtype), conv)
         a2 = a.reshape(a.shape[0], -1).to(dtype)
         b2 = b.reshape(b.shape[0], -1).to(dtype)
         u2 = g2 @ b2  # (rows, r)
