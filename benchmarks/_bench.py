@@ -68,12 +68,17 @@ class Row:
     hubness: bool = False  # score with the CSLS correction, k and beta chosen on validation (lilt.eval.hubness)
     ensemble: bool = False  # score with the tuned model's cosine mixed with the ridge map's, weight on validation
     translate: bool = False  # translate captions with maps fitted on data.parallel, chosen on validation
+    ridge_features: str = "pooled"  # what the ridge map (a ridge row, the ensemble's side) reads: pooled | stages
     seeds: tuple[int, ...] = SEEDS
 
 
 # -- features of the frozen towers, computed once per process ------------------------------------------------
 class FrozenFeatures:
-    """Pooled features of the frozen towers by image path and by caption: ridge rows and head warm-ups share them."""
+    """Features of the frozen towers by image path and by caption: ridge rows and head warm-ups share them.
+
+    An image's entry is its multi-scale features (DualEncoder.image_stage_features); the pooled ones are
+    their first `hidden_size` columns, so one pass serves both kinds of ridge row.
+    """
 
     def __init__(self, model: DualEncoder, batch_size: int = 256) -> None:
         self.model, self.batch_size = model, batch_size
@@ -81,8 +86,10 @@ class FrozenFeatures:
         self.texts: dict[str, torch.Tensor] = {}
 
     @torch.inference_mode()
-    def of(self, data: Any) -> EmbeddedPairs:
-        """EmbeddedPairs of features (not embeddings) for a pair table, computing only what is new."""
+    def of(self, data: Any, stages: bool = False) -> EmbeddedPairs:
+        """EmbeddedPairs of features (not embeddings) for a pair table, computing only what is new.
+
+        `stages`: the images' multi-scale features instead of the pooled ones."""
         self.model.eval()
         keys = [str(k) for k in image_keys(data)]
         new = sorted({k for k in keys if k not in self.images})
@@ -93,7 +100,7 @@ class FrozenFeatures:
             loader = pair_loader(table, collate, self.batch_size, shuffle=False, drop_last=False)
             done = 0
             for batch in loader:
-                feats = self.model.image_features(batch["pixel_values"]).float()
+                feats = self.model.image_stage_features(batch["pixel_values"]).float()
                 for i, row in enumerate(batch["rows"].tolist()):
                     self.images[new[row]] = feats[i]
                 done += len(feats)
@@ -105,7 +112,10 @@ class FrozenFeatures:
             self.texts.update(zip(chunk, feats))
         order = list(dict.fromkeys(keys))
         index = {k: i for i, k in enumerate(order)}
-        return EmbeddedPairs(torch.stack([self.images[k] for k in order]), torch.stack([self.texts[t] for t in texts]),
+        images = torch.stack([self.images[k] for k in order])
+        if not stages:
+            images = images[:, :self.model.vision.hidden_size]
+        return EmbeddedPairs(images, torch.stack([self.texts[t] for t in texts]),
                              torch.tensor([index[k] for k in keys]), list(data["lang"]), [])
 
 
@@ -171,12 +181,13 @@ class Bench:
                                   "train_pairs": {k: int(v) for k, v in zip(*_counts(train_data["lang"]))}}
         if "noisy" in train_data.column_names:  # builtin:emoji-cldr's noise option marks the re-paired captions
             result["noisy_share"] = float(sum(train_data["noisy"])) / max(len(train_data), 1)
+        stages = row.ridge_features == "stages"
         if row.kind == "ridge":
-            ridge = fit_ridge(self.frozen.of(train_data), val=self.frozen.of(val_data))
-            maps = self.ridge_translation(ridge, spec, result) if row.translate else None
+            ridge = fit_ridge(self.frozen.of(train_data, stages), val=self.frozen.of(val_data, stages))
+            maps = self.ridge_translation(ridge, spec, result, stages) if row.translate else None
 
             def mapped(data: Any) -> EmbeddedPairs:
-                pairs = ridge_pairs(ridge, self.frozen.of(data))
+                pairs = ridge_pairs(ridge, self.frozen.of(data, stages))
                 return maps.apply(pairs) if maps is not None else pairs
 
             bank = None
@@ -184,7 +195,7 @@ class Bench:
                 bank = self.choose_hubness(mapped(train_data), mapped(val_data), result)
             scored = (lambda pairs: bank.correct(pairs)) if bank is not None else (lambda pairs: pairs)
             if bank is not None or maps is not None:  # the same map's plain scores: a paired comparison
-                result["test_uncorrected"] = _r1(ridge_retrieval(ridge, self.frozen.of(self.test)))
+                result["test_uncorrected"] = _r1(ridge_retrieval(ridge, self.frozen.of(self.test, stages)))
             result.update(trainable_percent=0.0, val=retrieval_by_lang(scored(mapped(val_data)))["all"],
                           test=_r1(retrieval_by_lang(scored(mapped(self.test)))),
                           train_split=_r1(retrieval_by_lang(scored(mapped(self.train_sample)))),
@@ -252,12 +263,13 @@ class Bench:
             tuned = {k: maps.apply(v) for k, v in tuned.items()}
         final = tuned
         if row.ensemble:
-            frozen = {name: self.frozen.of(d) for name, d in (("train", train_data), ("val", val_data),
-                                                              ("test", self.test))}
+            stages = row.ridge_features == "stages"
+            frozen = {name: self.frozen.of(d, stages) for name, d in (("train", train_data), ("val", val_data),
+                                                                      ("test", self.test))}
             ridge = fit_ridge(frozen["train"], val=frozen["val"])
             side = {k: ridge_pairs(ridge, frozen[k]) for k in tuned}
             if row.translate:
-                maps = self.ridge_translation(ridge, spec, result)
+                maps = self.ridge_translation(ridge, spec, result, stages)
                 side = {k: maps.apply(v) for k, v in side.items()}
             w, tried = choose_weight(tuned["val"], side["val"])
             result.setdefault("levers", {}).update(ensemble_weight=w,
@@ -270,12 +282,13 @@ class Bench:
         result["val"] = retrieval_by_lang(final["val"])["all"]
         result["test"] = _r1(retrieval_by_lang(final["test"]))
 
-    def ridge_translation(self, ridge: Any, spec: Recipe, result: dict[str, Any]) -> TranslationMaps:
+    def ridge_translation(self, ridge: Any, spec: Recipe, result: dict[str, Any], stages: bool = False
+                          ) -> TranslationMaps:
         """Translation maps of data.parallel in the ridge map's text space, chosen on validation (noted in result)."""
         embedded = embed_parallel(self.frozen.model, parallel_of(spec.data, spec.train.seed), features=True,
                                   transform=ridge.embed_texts)
         choice = self.val_in(spec.data.parallel_targets())
-        maps, tried = choose_translation(*embedded, ridge_pairs(ridge, self.frozen.of(choice)))
+        maps, tried = choose_translation(*embedded, ridge_pairs(ridge, self.frozen.of(choice, stages)))
         self.note_translation(maps, tried, result, "ridge_translation")
         return maps
 

@@ -80,6 +80,13 @@ def rows() -> list[Row]:
         Row("lwa+translate+ridge-ensemble+hubness", "lever", plan="lwa",
             overrides=(*parallel, "train.parallel_weight=0"), translate=True, ensemble=True, hubness=True,
             note="the demo's scores, then CSLS against its own training-split scores"),
+        Row("ridge-stages", "lever", "ridge", ridge_features="stages",
+            note="the ridge map on multi-scale frozen image features: pooled plus each vision block's pooled output"),
+        Row("ridge-stages+translate+hubness", "lever", "ridge", overrides=parallel, translate=True, hubness=True,
+            ridge_features="stages", note="the best frozen-features-only scorer: that map, its maps, CSLS"),
+        Row("lwa+translate+ridge-stages-ensemble+hubness", "lever", plan="lwa",
+            overrides=(*parallel, "train.parallel_weight=0"), translate=True, ensemble=True, hubness=True,
+            ridge_features="stages", note="the demo recipe: the ensemble's ridge side on multi-scale features"),
         Row("lwa+parallel+translate+ridge-ensemble", "lever", plan="lwa", overrides=parallel, translate=True,
             ensemble=True, note="the text-to-text term, the maps, the ensemble"),
         Row("lwa+bf16", "lever", plan="lwa", overrides=("train.mixed_precision=bf16",),
@@ -236,8 +243,8 @@ def plot(summary: dict[str, Any]) -> Any:
         if points:
             right.plot(*zip(*points), "o-", label=plan)
     for name, x, marker, label in (("lwa+parallel", 150, "*", "lwa + parallel text (training term)"),
-                                   ("lwa+translate+ridge-ensemble", 150, "P",
-                                    "lwa + ridge ensemble + parallel text (translation maps): the demo"),
+                                   ("lwa+translate+ridge-stages-ensemble+hubness", 150, "P",
+                                    "lwa + multi-scale ridge ensemble + translation maps + CSLS: the demo"),
                                    ("budget-lwa+ridge-ensemble-sw300", 300, "X", "lwa + ridge ensemble")):
         if summary.get(name) and summary[name]["test"].get("sw"):
             right.plot([x], [summary[name]["test"]["sw"]["i2t"]["mean"]], marker, ms=12, label=label)

@@ -105,9 +105,13 @@ class RidgeMoments:
                             self.sxy + other.sxy)
 
 
-def pair_features(model: Any, data: datasets.Dataset, **options: Any) -> EmbeddedPairs:
-    """The frozen towers' pooled features (no heads) of each distinct image and every caption."""
-    return embed_pairs(model, data, features=True, **options)
+def pair_features(model: Any, data: datasets.Dataset, *, stages: bool = False, **options: Any) -> EmbeddedPairs:
+    """The frozen towers' pooled features (no heads) of each distinct image and every caption.
+
+    `stages`: the images' multi-scale features instead (pooled, then each vision block's pooled output:
+    DualEncoder.image_stage_features); the pooled ones are their first `model.vision.hidden_size` columns.
+    """
+    return embed_pairs(model, data, features="stages" if stages else True, **options)
 
 
 def fit_ridge(train: EmbeddedPairs, alphas: Sequence[float] = (1.0, 10.0, 100.0, 300.0, 1000.0, 3000.0, 1e4),

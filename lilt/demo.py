@@ -8,7 +8,8 @@ Four models are compared on the test emoji (never seen in training), per caption
 Languages listed under `eval.langs` but absent from the training data show zero-shot transfer through the
 multilingual text tower. With `eval.hubness`, all four are scored with the CSLS hubness correction, each
 against a bank of its own training embeddings at the k and beta its validation split prefers. With
-`eval.ridge_ensemble`, the trained model's scores are mixed with the ridge map's (lilt.eval.ensemble). With
+`eval.ridge_ensemble`, the trained model's scores are mixed with the ridge map's (lilt.eval.ensemble);
+`eval.ridge_features: stages` has the ridge map (baseline and ensemble side) read multi-scale image features. With
 `eval.translate`, each model's captions in data.parallel's languages are moved by translation maps fitted
 on that parallel text in the model's own space (lilt.eval.translate), strength chosen on validation.
 """
@@ -111,14 +112,19 @@ def run_demo(out_dir: Path, recipe: str | Path = "demo", overrides: Sequence[str
     print("1/3 frozen features: ridge baseline and head warm-up ...", flush=True)
     workers = dict(num_workers=data_config.num_workers, batch_size=train_config.eval_batch_size)
     tables = (test_data, train_data, val_data)  # indexed by TEST, TRAIN, VAL
-    features = [pair_features(model, data, **workers) for data in tables]
+    stages = spec.eval.ridge_features == "stages"
+    read = [pair_features(model, data, stages=stages, **workers) for data in tables]  # what the ridge map reads
+    # The heads read the pooled features: the first hidden_size columns of the multi-scale ones.
+    features = [dataclasses.replace(f, images=f.images[:, :model.vision.hidden_size]) for f in read] \
+        if stages else read
     train_features, val_features = features[TRAIN], features[VAL]
     results = {"untrained": scored("untrained", translated(
         "untrained", lambda i: head_embeddings(model, features[i]), lambda t: head_texts(model, t)))}
-    ridge = fit_ridge(train_features, val=val_features)
-    ridge_side = translated("ridge", lambda i: ridge_pairs(ridge, features[i]), ridge.embed_texts)
+    ridge = fit_ridge(read[TRAIN], val=read[VAL])
+    ridge_side = translated("ridge", lambda i: ridge_pairs(ridge, read[i]), ridge.embed_texts)
     results["ridge"] = scored("ridge", ridge_side)
-    print(f"    ridge map fitted (alpha {ridge.alpha:g}) in {time.perf_counter() - start:.0f} s\n")
+    print(f"    ridge map fitted (alpha {ridge.alpha:g}{', multi-scale image features' if stages else ''}) in "
+          f"{time.perf_counter() - start:.0f} s\n")
 
     if train_config.head_warmup_epochs or train_config.head_init == "ridge":  # here, to score the heads alone
         warm_up_heads(model, train_data, train_config, features=train_features, val=val_features)
@@ -157,6 +163,8 @@ def run_demo(out_dir: Path, recipe: str | Path = "demo", overrides: Sequence[str
             again += f" --parallel {data_config.parallel} --parallel-langs {' '.join(data_config.parallel_targets())}"
         if spec.eval.hubness:
             again += " --hubness"
+        if stages:
+            again += " --ridge-features stages"
         print(f"trained = the tuned model's scores mixed with the ridge map's (eval.ridge_ensemble), weight {weight:g} "
               f"chosen on validation. The saved model is the tuned one; `lilt eval {again} --val-data "
               "builtin:emoji-cldr:validation` mixes it again.")

@@ -131,6 +131,10 @@ class DualEncoder(nn.Module):
         features = self.vision(pixel_values.to(self.device))
         return self.shared_encoder(features, "vision") if self.shared_encoder is not None else features
 
+    def image_stage_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The frozen vision tower's multi-scale view: pooled features, then each block's pooled output."""
+        return self.vision.stage_features(pixel_values.to(self.device))
+
     def text_features(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """What the text head sees: pooled tower features of a tokenized batch, through the shared encoder."""
         features = self.text({k: v.to(self.device) for k, v in batch.items()})

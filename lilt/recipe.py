@@ -115,6 +115,9 @@ class EvalConfig(ConfigBase):
                                 "features, the weight chosen on the validation split (lilt.eval.ensemble)")
     translate: bool = knob(False, "translate captions in data.parallel's languages by maps fitted on that parallel "
                            "text, strength chosen per language on the validation split (lilt.eval.translate)")
+    ridge_features: Literal["pooled", "stages"] = knob(
+        "pooled", "what the ridge map (baseline and ensemble side) reads of each image: 'pooled' features, or "
+        "'stages' (pooled plus each vision block's pooled output)")
 
     def validate(self) -> None:
         if self.langs is not None and (not self.langs or not all(self.langs)):

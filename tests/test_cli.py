@@ -109,12 +109,19 @@ def test_eval_with_the_scoring_levers_names_their_choices(make_model, tmp_path: 
     base = ["eval", "--model", str(tmp_path / "m"), "--data", "builtin:tiny-random:test", "--hubness"]
     assert main([*base, *bank, "--out", str(tmp_path / "h")]) == 0
     rows = json.loads((tmp_path / "h" / "eval.json").read_text())
-    assert {r["hubness_k"] for r in rows} <= {10, 50} and {r["hubness_beta"] for r in rows} <= {0.0, 0.25, 0.5, 0.75}
+    assert {r["hubness_k"] for r in rows} <= {5, 10, 20, 50}
+    assert {r["hubness_beta"] for r in rows} <= {0.0, 0.25, 0.5, 0.75, 1.0}
     assert rows[0]["levers_fitted_on"] == "builtin:tiny-random:train" and "ridge_ensemble_weight" not in rows[0]
     assert main([*base, "--ridge-ensemble", *bank, "--out", str(tmp_path / "e")]) == 0
     rows = json.loads((tmp_path / "e" / "eval.json").read_text())
-    assert rows[0]["ridge_ensemble_weight"] in (0.0, 0.25, 0.5, 0.75) and rows[0]["ridge_alpha"] > 0
+    assert rows[0]["ridge_ensemble_weight"] in (0.0, 0.25, 0.5, 0.75, 1.0) and rows[0]["ridge_alpha"] > 0
+    assert rows[0]["ridge_features"] == "pooled"
+    assert main([*base, "--ridge-ensemble", "--ridge-features", "stages", *bank, "--out", str(tmp_path / "s")]) == 0
+    assert json.loads((tmp_path / "s" / "eval.json").read_text())[0]["ridge_features"] == "stages"
     capsys.readouterr()
+    assert main([*base, "--ridge-features", "stages", *bank]) == 2
+    assert "--ridge-features stages: choose pooled or stages; stages goes with --ridge-ensemble" in \
+        capsys.readouterr().err
     assert main([*base, "--train-data", "builtin:tiny-random:train"]) == 2
     assert "--hubness (task retrieval, --train-data builtin:tiny-random:train, --val-data None)" in \
         capsys.readouterr().err

@@ -58,9 +58,11 @@ def test_demo_end_to_end_on_a_small_slice(tmp_path: Path, capsys: pytest.Capture
     assert ("hubness" in results) == levers and ("hubness correction" in out) == levers
     assert ("ridge_ensemble" in results) == levers and ("mixed with the ridge map" in out) == levers
     assert ("translation" in results) == levers
+    assert "multi-scale image features" in out  # the recipe's eval.ridge_features: stages
     if levers:
         assert set(results["hubness"]) == set(MODELS)
-        assert all(h["k"] in (10, 50) and h["beta"] in (0.0, 0.25, 0.5, 0.75) for h in results["hubness"].values())
+        assert all(h["k"] in (5, 10, 20, 50) and h["beta"] in (0.0, 0.25, 0.5, 0.75, 1.0)
+                   for h in results["hubness"].values())
         # every model's own maps, in its own space; sw only (the parallel text's language)
         assert set(results["translation"]) == set(MODELS) and "maps fitted on the parallel text" in out
         assert all(set(t) == {"sw"} and t["sw"]["strength"] in (0.0, 0.5, 0.75, 1.0) and t["sw"]["alpha"] > 0

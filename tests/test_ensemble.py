@@ -57,3 +57,36 @@ def test_fit_ridge_ensemble_keeps_the_frozen_towers_and_chooses_on_validation(ma
     ensemble.weight = 0.0
     assert ensemble.evaluate(test) == lilt.evaluate_retrieval(model, test)
     assert set(scores) == set(lilt.evaluate_retrieval(model, test))
+
+
+@pytest.mark.parametrize("vision", ["vit", "cnn"])
+def test_stage_features_lead_with_the_pooled_ones_then_each_block_pooled(make_model, vision):
+    model = make_model(vision).eval()
+    pixels = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        stages = model.image_stage_features(pixels)
+        pooled = model.image_features(pixels)
+    tower = model.vision
+    width = tower.hidden_size + sum(tower.block_channels(i) for i in range(tower.num_blocks))
+    assert stages.shape == (3, width) and width > tower.hidden_size
+    assert torch.allclose(stages[:, :tower.hidden_size], pooled, atol=1e-5)
+    # the last block's pooled output: the mean over positions of the hidden states the finish reads
+    with torch.no_grad():
+        hidden, context = tower.forward_prefix(pixels.to(model.device), tower.num_blocks)
+    dims = (2, 3) if hidden.dim() == 4 else (1,)
+    assert torch.allclose(stages[:, -tower.block_channels(tower.num_blocks - 1):], hidden.mean(dims), atol=1e-5)
+
+
+def test_a_ridge_ensemble_on_stage_features_reads_them_at_fit_and_at_scoring(make_model):
+    model = make_model("cnn")
+    train = lilt.load_pairs("builtin:tiny-random:train")
+    val, test = lilt.load_pairs("builtin:tiny-random:validation"), lilt.load_pairs("builtin:tiny-random:test")
+    ensemble, _ = fit_ridge_ensemble(model, train, val, stages=True)
+    tower = model.vision
+    width = tower.hidden_size + sum(tower.block_channels(i) for i in range(tower.num_blocks))
+    assert ensemble.stages and ensemble.ridge.weight.shape[0] == width
+    ensemble.weight = 1.0  # the ridge side alone: the map's own retrieval on the stage features
+    feats = lilt.eval.embed_pairs(ensemble.frozen, test, features="stages")
+    assert ensemble.evaluate(test)["en"] == lilt.baselines.ridge_retrieval(ensemble.ridge, feats)["en"]
+    with pytest.raises(ConfigError, match="features='layers' must be"):
+        lilt.eval.embed_pairs(model, test, features="layers")

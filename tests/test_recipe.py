@@ -35,6 +35,7 @@ def test_every_shipped_recipe_parses(path: Path) -> None:
     ("train: {steps: 4, growth: [{steps: 4, grow: ['depth:text:100000']}]}\n", r"\[1, 64\]"),
     ("init: {from: x}\nplan: {rules: []}\n", r"keeps that model's plan"),
     ("- a list\n", r"expected a mapping at the top level"),
+    ("eval: {ridge_features: stage}\n", r"eval.ridge_features: 'stage' is not one of \['pooled', 'stages'\]"),
 ])
 def test_a_bad_recipe_names_the_key_and_the_fix(tmp_path: Path, text: str, message: str) -> None:
     path = tmp_path / "recipe.yaml"

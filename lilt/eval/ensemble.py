@@ -24,7 +24,8 @@ from ..errors import ConfigError, DataError
 from .retrieval import EmbeddedPairs, embed_pairs, retrieval_by_lang
 from .translate import TranslationMaps, choose_translation, embed_parallel
 
-DEFAULT_WEIGHTS = (0.0, 0.25, 0.5, 0.75)
+# 1.0 (the ridge map alone) included: with the map on multi-scale features it can be the better side.
+DEFAULT_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 def mix_pairs(tuned: EmbeddedPairs, mapped: EmbeddedPairs, weight: float) -> EmbeddedPairs:
@@ -65,6 +66,7 @@ class RidgeEnsemble:
     weight: float
     translation: TranslationMaps | None = None  # the tuned side's caption maps (lilt.eval.translate)
     ridge_translation: TranslationMaps | None = None  # the ridge side's, fitted in its text space
+    stages: bool = False  # the ridge map reads multi-scale image features (pair_features(stages=True))
 
     def embed_pairs(self, data: datasets.Dataset, **options: Any) -> EmbeddedPairs:
         """The mixed embeddings of a pair table (`options`: embed_pairs' batch_size, num_workers, progress)."""
@@ -73,7 +75,7 @@ class RidgeEnsemble:
             tuned = self.translation.apply(tuned)
         if self.weight == 0:
             return tuned
-        mapped = ridge_pairs(self.ridge, pair_features(self.frozen, data, **options))
+        mapped = ridge_pairs(self.ridge, pair_features(self.frozen, data, stages=self.stages, **options))
         if self.ridge_translation is not None:
             mapped = self.ridge_translation.apply(mapped)
         return mix_pairs(tuned, mapped, self.weight)
@@ -85,18 +87,19 @@ class RidgeEnsemble:
 
 def fit_ridge_ensemble(model: Any, train_data: datasets.Dataset, val_data: datasets.Dataset, *, frozen: Any = None,
                        weights: Sequence[float] = DEFAULT_WEIGHTS, parallel: datasets.Dataset | None = None,
-                       **options: Any) -> tuple[RidgeEnsemble, dict[float, float]]:
+                       stages: bool = False, **options: Any) -> tuple[RidgeEnsemble, dict[float, float]]:
     """Fit the ridge map on the frozen towers' features of `train_data`; choose the weight on `val_data`.
 
     `frozen`: a DualEncoder of the untuned towers (default: built afresh from `model.config`, i.e. the
     pretrained backbones). `parallel`: a parallel table (lilt.data.parallel.load_parallel) for translation
-    maps on both sides, chosen on `val_data` before the weight. Returns the ensemble and each weight's
-    validation mean recall.
+    maps on both sides, chosen on `val_data` before the weight. `stages`: the ridge map reads the images'
+    multi-scale features (lilt.baselines.pair_features). Returns the ensemble and each weight's validation
+    mean recall.
     """
     if frozen is None:
         from ..model import DualEncoder
         frozen = DualEncoder(model.config).to(model.device).eval()
-    train_features, val_features = (pair_features(frozen, d, **options) for d in (train_data, val_data))
+    train_features, val_features = (pair_features(frozen, d, stages=stages, **options) for d in (train_data, val_data))
     ridge = fit_ridge(train_features, val=val_features)
     tuned_val, ridge_val = embed_pairs(model, val_data, **options), ridge_pairs(ridge, val_features)
     translation = ridge_translation = None
@@ -107,5 +110,5 @@ def fit_ridge_ensemble(model: Any, train_data: datasets.Dataset, val_data: datas
                                                                   transform=ridge.embed_texts), ridge_val)
         tuned_val, ridge_val = translation.apply(tuned_val), ridge_translation.apply(ridge_val)
     best, tried = choose_weight(tuned_val, ridge_val, weights)
-    return (RidgeEnsemble(model, frozen, ridge, best, translation, ridge_translation),
+    return (RidgeEnsemble(model, frozen, ridge, best, translation, ridge_translation, stages),
             {w: v["mean_recall"] for w, v in tried.items()})

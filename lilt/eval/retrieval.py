@@ -10,7 +10,7 @@ computed a block of queries at a time, so the full similarity matrix is never he
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence, Union
 
 import datasets
 import numpy as np
@@ -18,11 +18,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ..cpu_memory import keeps_freed_memory
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..finite import check_finite
 from ..data.identity import image_keys
 from ..data.loader import pair_loader
 from ..data.transforms import PairCollator
+
+Features = Union[bool, Literal["stages"]]  # what embed_* return: embeddings, pooled features, multi-scale features
 
 
 @dataclass
@@ -38,12 +40,16 @@ class EmbeddedPairs:
 
 @keeps_freed_memory
 @torch.inference_mode()
-def embed_images(model: Any, data: datasets.Dataset, *, features: bool = False, batch_size: int = 256,
+def embed_images(model: Any, data: datasets.Dataset, *, features: Features = False, batch_size: int = 256,
                  num_workers: int = 0, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Embed every row's image: (embeddings of the readable ones, their row numbers, what could not be read)."""
     collate = PairCollator(model.image_transform(train=False), tokenize=None, extra_columns=())
     loader = pair_loader(data, collate, batch_size, shuffle=False, drop_last=False, num_workers=num_workers)
-    encode = model.image_features if features else model.encode_image
+    if features not in (True, False, "stages"):
+        raise ConfigError(f"features={features!r} must be False (embeddings), True (pooled tower features) or "
+                          "'stages' (pooled features and every vision block's pooled output).")
+    encode = model.image_stage_features if features == "stages" else \
+        model.image_features if features else model.encode_image
     images, kept, skipped = [], [], []
     for batch in tqdm(loader, disable=not progress, desc="images", leave=False):
         skipped += batch["bad"]
@@ -57,7 +63,7 @@ def embed_images(model: Any, data: datasets.Dataset, *, features: bool = False, 
 
 @keeps_freed_memory
 @torch.inference_mode()
-def embed_texts(model: Any, texts: Sequence[str], *, features: bool = False, batch_size: int = 256,
+def embed_texts(model: Any, texts: Sequence[str], *, features: Features = False, batch_size: int = 256,
                 progress: bool = False) -> torch.Tensor:
     """Embed captions in batches of similar length (tokenized a batch at a time), returned in the input order."""
     encode = model.text_features if features else model.encode_text
@@ -75,7 +81,7 @@ def embed_texts(model: Any, texts: Sequence[str], *, features: bool = False, bat
 
 
 @torch.inference_mode()
-def embed_distinct_images(model: Any, data: datasets.Dataset, *, features: bool = False, batch_size: int = 256,
+def embed_distinct_images(model: Any, data: datasets.Dataset, *, features: Features = False, batch_size: int = 256,
                           num_workers: int = 0, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Each distinct image of a table embedded once: (embeddings of the readable ones, each row's slot among
     them (-1: unreadable), what could not be read)."""
@@ -90,9 +96,10 @@ def embed_distinct_images(model: Any, data: datasets.Dataset, *, features: bool 
     return images, slot[[position[first[k]] for k in keys]], skipped
 
 
-def embed_pairs(model: Any, data: datasets.Dataset, *, features: bool = False, batch_size: int = 256,
+def embed_pairs(model: Any, data: datasets.Dataset, *, features: Features = False, batch_size: int = 256,
                 num_workers: int = 0, progress: bool = False) -> EmbeddedPairs:
-    """Embed each distinct image and every caption; `features=True` gives the towers' pooled features instead.
+    """Embed each distinct image and every caption; `features=True` gives the towers' pooled features instead
+    ('stages': the images' pooled features and each vision block's pooled output, DualEncoder.image_stage_features).
 
     A table without a `text` column gives the images alone (and no captions).
     """

@@ -20,8 +20,8 @@ def run_eval(model: Any, data: str, out: str | Path, *, task: Task = "retrieval"
              label_column: str = "label", batch_size: int = 256, num_workers: int = 0,
              model_name: str | None = None, split: str | None = None,
              columns: Mapping[str, str] | None = None, hubness: bool = False, ridge_ensemble: bool = False,
-             val_data: str | None = None, parallel: str | None = None,
-             parallel_langs: Sequence[str] | None = None) -> tuple[list[dict[str, Any]], dict[str, Path]]:
+             val_data: str | None = None, parallel: str | None = None, parallel_langs: Sequence[str] | None = None,
+             ridge_features: str = "pooled") -> tuple[list[dict[str, Any]], dict[str, Path]]:
     """Evaluate `model` (a DualEncoder or a saved folder) on `data`; write eval.{json,md,png} under `out`.
 
     `columns`: load_pairs' image_column/text_column/lang_column for a table whose columns are named otherwise
@@ -32,7 +32,8 @@ def run_eval(model: Any, data: str, out: str | Path, *, task: Task = "retrieval"
     a ridge map fitted on the frozen towers' features of `train_data`, the weight chosen on `val_data`
     (lilt.eval.ensemble). Both together: the correction applies to the mixed scores. `parallel`
     (retrieval): captions in `parallel_langs` translated by maps fitted on that parallel text, strength chosen
-    on `val_data` (lilt.eval.translate); with the ensemble, on both of its sides.
+    on `val_data` (lilt.eval.translate); with the ensemble, on both of its sides. `ridge_features`: 'stages'
+    has the ensemble's ridge map read multi-scale image features (lilt.baselines.pair_features).
     """
     import lilt
     from ..data import load_labelled, load_pairs
@@ -43,6 +44,9 @@ def run_eval(model: Any, data: str, out: str | Path, *, task: Task = "retrieval"
         model = lilt.DualEncoder.from_pretrained(model)
     options = dict(batch_size=batch_size, num_workers=num_workers)
     extra: dict[str, Any] = {}
+    if ridge_features not in ("pooled", "stages") or (ridge_features == "stages" and not ridge_ensemble):
+        raise ConfigError(f"--ridge-features {ridge_features}: choose pooled or stages; stages goes with "
+                          "--ridge-ensemble (it is what the ensemble's ridge map reads).")
     levers = [flag for flag, on in (("--hubness", hubness), ("--ridge-ensemble", ridge_ensemble)) if on]
     if parallel and (task != "retrieval" or not val_data):
         raise ConfigError(f"--parallel {parallel} (task {task}, --val-data {val_data}) translates retrieval captions: "
@@ -60,7 +64,7 @@ def run_eval(model: Any, data: str, out: str | Path, *, task: Task = "retrieval"
                 from ..data.parallel import load_parallel
                 table = load_parallel(parallel, parallel_langs)
             results, extra = _retrieval_with_levers(model, pairs, train_data, val_data, langs, columns, hubness,
-                                                    ridge_ensemble, options, table)
+                                                    ridge_ensemble, options, table, ridge_features == "stages")
         else:
             results = lilt.evaluate_retrieval(model, pairs, progress=True, **options)
     elif task == "zeroshot":
@@ -89,7 +93,8 @@ def run_eval(model: Any, data: str, out: str | Path, *, task: Task = "retrieval"
 
 def _retrieval_with_levers(model: Any, pairs: Any, train_data: str, val_data: str, langs: Sequence[str] | None,
                            columns: Mapping[str, str] | None, hubness: bool, ridge_ensemble: bool,
-                           options: dict[str, Any], parallel: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
+                           options: dict[str, Any], parallel: Any = None,
+                           stages: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
     """Retrieval with translation maps, the ridge ensemble and/or the hubness correction, chosen on `val_data`."""
     from ..data import load_pairs
     from .ensemble import fit_ridge_ensemble
@@ -102,8 +107,9 @@ def _retrieval_with_levers(model: Any, pairs: Any, train_data: str, val_data: st
     extra: dict[str, Any] = {}
     embed: Any = partial(embed_pairs, model)
     if ridge_ensemble:
-        ensemble, _ = fit_ridge_ensemble(model, train, val, progress=True, parallel=parallel, **options)
-        extra.update(ridge_ensemble_weight=ensemble.weight, ridge_alpha=ensemble.ridge.alpha)
+        ensemble, _ = fit_ridge_ensemble(model, train, val, progress=True, parallel=parallel, stages=stages, **options)
+        extra.update(ridge_ensemble_weight=ensemble.weight, ridge_alpha=ensemble.ridge.alpha,
+                     ridge_features="stages" if stages else "pooled")
         embed = ensemble.embed_pairs
         maps = ensemble.translation
     elif parallel is not None:
