@@ -28,7 +28,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lilt.baselines import fit_ridge, ridge_pairs, ridge_retrieval  # noqa: E402
+from lilt.baselines import fit_ridge, pooled_part, ridge_pairs, ridge_retrieval  # noqa: E402
 from lilt.config import DataConfig  # noqa: E402
 from lilt.data.emoji_cldr import load_emoji_cldr  # noqa: E402
 from lilt.data.resolve import resolve_data  # noqa: E402
@@ -112,11 +112,9 @@ class FrozenFeatures:
             self.texts.update(zip(chunk, feats))
         order = list(dict.fromkeys(keys))
         index = {k: i for i, k in enumerate(order)}
-        images = torch.stack([self.images[k] for k in order])
-        if not stages:
-            images = images[:, :self.model.vision.hidden_size]
-        return EmbeddedPairs(images, torch.stack([self.texts[t] for t in texts]),
-                             torch.tensor([index[k] for k in keys]), list(data["lang"]), [])
+        pairs = EmbeddedPairs(torch.stack([self.images[k] for k in order]), torch.stack([self.texts[t] for t in texts]),
+                              torch.tensor([index[k] for k in keys]), list(data["lang"]), [])
+        return pairs if stages else pooled_part(pairs, self.model)
 
 
 def head_retrieval(model: DualEncoder, features: EmbeddedPairs) -> dict[str, Any]:

@@ -11,7 +11,7 @@ starting point, so tuning starts at the bar instead of below it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import datasets
@@ -112,6 +112,11 @@ def pair_features(model: Any, data: datasets.Dataset, *, stages: bool = False, *
     DualEncoder.image_stage_features); the pooled ones are their first `model.vision.hidden_size` columns.
     """
     return embed_pairs(model, data, features="stages" if stages else True, **options)
+
+
+def pooled_part(features: EmbeddedPairs, model: Any) -> EmbeddedPairs:
+    """The pooled features inside multi-scale ones (`pair_features(stages=True)`): the first hidden_size columns."""
+    return replace(features, images=features.images[:, :model.vision.hidden_size])
 
 
 def fit_ridge(train: EmbeddedPairs, alphas: Sequence[float] = (1.0, 10.0, 100.0, 300.0, 1000.0, 3000.0, 1e4),

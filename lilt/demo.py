@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .baselines import fit_ridge, pair_features, ridge_pairs
+from .baselines import fit_ridge, pair_features, pooled_part, ridge_pairs
 from ._io import write_json, write_text
 from .config import DataConfig
 from .data.parallel import parallel_of
@@ -114,9 +114,7 @@ def run_demo(out_dir: Path, recipe: str | Path = "demo", overrides: Sequence[str
     tables = (test_data, train_data, val_data)  # indexed by TEST, TRAIN, VAL
     stages = spec.eval.ridge_features == "stages"
     read = [pair_features(model, data, stages=stages, **workers) for data in tables]  # what the ridge map reads
-    # The heads read the pooled features: the first hidden_size columns of the multi-scale ones.
-    features = [dataclasses.replace(f, images=f.images[:, :model.vision.hidden_size]) for f in read] \
-        if stages else read
+    features = [pooled_part(f, model) for f in read] if stages else read  # what the heads read
     train_features, val_features = features[TRAIN], features[VAL]
     results = {"untrained": scored("untrained", translated(
         "untrained", lambda i: head_embeddings(model, features[i]), lambda t: head_texts(model, t)))}

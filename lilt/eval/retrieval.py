@@ -43,11 +43,11 @@ class EmbeddedPairs:
 def embed_images(model: Any, data: datasets.Dataset, *, features: Features = False, batch_size: int = 256,
                  num_workers: int = 0, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Embed every row's image: (embeddings of the readable ones, their row numbers, what could not be read)."""
-    collate = PairCollator(model.image_transform(train=False), tokenize=None, extra_columns=())
-    loader = pair_loader(data, collate, batch_size, shuffle=False, drop_last=False, num_workers=num_workers)
     if features not in (True, False, "stages"):
         raise ConfigError(f"features={features!r} must be False (embeddings), True (pooled tower features) or "
                           "'stages' (pooled features and every vision block's pooled output).")
+    collate = PairCollator(model.image_transform(train=False), tokenize=None, extra_columns=())
+    loader = pair_loader(data, collate, batch_size, shuffle=False, drop_last=False, num_workers=num_workers)
     encode = model.image_stage_features if features == "stages" else \
         model.image_features if features else model.encode_image
     images, kept, skipped = [], [], []
