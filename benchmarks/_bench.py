@@ -69,7 +69,13 @@ class Row:
     ensemble: bool = False  # score with the tuned model's cosine mixed with the ridge map's, weight on validation
     translate: bool = False  # translate captions with maps fitted on data.parallel, chosen on validation
     ridge_features: str = "pooled"  # what the ridge map (a ridge row, the ensemble's side) reads: pooled | stages
+    ridge_kernel: str = "linear"  # that map's kind: linear | rbf (kernel ridge; lilt.baselines.KernelRidgeMap)
     seeds: tuple[int, ...] = SEEDS
+
+
+def _gamma(ridge: Any) -> dict[str, float]:
+    """A kernel ridge map's chosen width, for the row's JSON (a linear map has none)."""
+    return {"ridge_gamma": ridge.gamma} if hasattr(ridge, "gamma") else {}
 
 
 # -- features of the frozen towers, computed once per process ------------------------------------------------
@@ -181,7 +187,8 @@ class Bench:
             result["noisy_share"] = float(sum(train_data["noisy"])) / max(len(train_data), 1)
         stages = row.ridge_features == "stages"
         if row.kind == "ridge":
-            ridge = fit_ridge(self.frozen.of(train_data, stages), val=self.frozen.of(val_data, stages))
+            ridge = fit_ridge(self.frozen.of(train_data, stages), val=self.frozen.of(val_data, stages),
+                              kernel=row.ridge_kernel)
             maps = self.ridge_translation(ridge, spec, result, stages) if row.translate else None
 
             def mapped(data: Any) -> EmbeddedPairs:
@@ -197,7 +204,7 @@ class Bench:
             result.update(trainable_percent=0.0, val=retrieval_by_lang(scored(mapped(val_data)))["all"],
                           test=_r1(retrieval_by_lang(scored(mapped(self.test)))),
                           train_split=_r1(retrieval_by_lang(scored(mapped(self.train_sample)))),
-                          conservation=self.frozen_conservation, ridge_alpha=ridge.alpha)
+                          conservation=self.frozen_conservation, ridge_alpha=ridge.alpha, **_gamma(ridge))
             return _finish(result, start)
         torch.manual_seed(seed)
         model = DualEncoder(spec.model)
@@ -264,13 +271,13 @@ class Bench:
             stages = row.ridge_features == "stages"
             frozen = {name: self.frozen.of(d, stages) for name, d in (("train", train_data), ("val", val_data),
                                                                       ("test", self.test))}
-            ridge = fit_ridge(frozen["train"], val=frozen["val"])
+            ridge = fit_ridge(frozen["train"], val=frozen["val"], kernel=row.ridge_kernel)
             side = {k: ridge_pairs(ridge, frozen[k]) for k in tuned}
             if row.translate:
                 maps = self.ridge_translation(ridge, spec, result, stages)
                 side = {k: maps.apply(v) for k, v in side.items()}
             w, tried = choose_weight(tuned["val"], side["val"])
-            result.setdefault("levers", {}).update(ensemble_weight=w,
+            result.setdefault("levers", {}).update(ensemble_weight=w, ridge_alpha=ridge.alpha, **_gamma(ridge),
                                                    ensemble_val={f"{x:g}": v["mean_recall"] for x, v in tried.items()})
             final = {k: mix_pairs(tuned[k], side[k], w) for k in tuned}
         if row.hubness:

@@ -7,12 +7,17 @@ that would otherwise dominate every cosine (on the demo data centring lifts Engl
 It is the bar a trained model has to clear: it uses the same frozen features and the same pairs, and
 costs one feature pass plus a linear solve. `heads_from_ridge` turns it into the projection heads'
 starting point, so tuning starts at the bar instead of below it.
+
+`KernelRidgeMap` is its nonlinear twin (an RBF kernel on the same standardized features, solved over the
+distinct training images): on unseen emoji it reads the frozen features better than any linear map
+(benchmarks/claims.py's `kridge-*` rows), and `fit_ridge(kernel="rbf")` chooses its alpha and width on
+validation. It scores like the linear map but has no weight matrix, so it cannot initialise the heads.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from typing import Any, Sequence, Union
 
 import datasets
 import torch
@@ -23,8 +28,25 @@ from .eval.hubness import HubnessBank
 from .eval.retrieval import EmbeddedPairs, embed_pairs, retrieval_by_lang
 
 
+class _TextSpaceMap:
+    """What retrieval needs of a map from image features into the text space: unit vectors centred on y_mean."""
+
+    y_mean: torch.Tensor
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def embed_images(self, x: torch.Tensor) -> torch.Tensor:
+        """Unit vectors of mapped images, centred on the targets' mean (for cosine retrieval)."""
+        return F.normalize(self(x) - self.y_mean, dim=-1)
+
+    def embed_texts(self, y: torch.Tensor) -> torch.Tensor:
+        """Unit vectors of (normalized) target features, centred like `embed_images`."""
+        return F.normalize(F.normalize(y.float(), dim=-1) - self.y_mean, dim=-1)
+
+
 @dataclass
-class RidgeMap:
+class RidgeMap(_TextSpaceMap):
     """y ~ y_mean + (x - x_mean) / x_scale @ weight: a ridge-regression map from one feature space to another."""
 
     weight: torch.Tensor
@@ -61,13 +83,62 @@ class RidgeMap:
         """Map features x into the target space."""
         return self.y_mean + ((x.float() - self.x_mean) / self.x_scale) @ self.weight
 
-    def embed_images(self, x: torch.Tensor) -> torch.Tensor:
-        """Unit vectors of mapped images, centred on the targets' mean (for cosine retrieval)."""
-        return F.normalize(self(x) - self.y_mean, dim=-1)
 
-    def embed_texts(self, y: torch.Tensor) -> torch.Tensor:
-        """Unit vectors of (normalized) target features, centred like `embed_images`."""
-        return F.normalize(F.normalize(y.float(), dim=-1) - self.y_mean, dim=-1)
+KERNEL_MAX_IMAGES = 8192  # the solve is n x n in the distinct training images (float64: 0.5 GiB at this size)
+
+
+@dataclass
+class KernelRidgeMap(_TextSpaceMap):
+    """y ~ y_mean + k(xs, support) @ coef, k(a, b) = exp(-gamma ||a - b||^2 / width) on standardized inputs."""
+
+    support: torch.Tensor  # the distinct training inputs, standardized (float64)
+    coef: torch.Tensor
+    x_mean: torch.Tensor
+    x_scale: torch.Tensor
+    y_mean: torch.Tensor
+    alpha: float
+    gamma: float
+
+    @classmethod
+    def fit(cls, x: torch.Tensor, y: torch.Tensor, alpha: float = 0.1, gamma: float = 1.0,
+            counts: torch.Tensor | None = None) -> "KernelRidgeMap":
+        """Kernel ridge regression of y on distinct inputs x, each standing for `counts[i]` pairs (default 1).
+
+        `y[i]` is the mean target of x[i]'s pairs. Solving (K + alpha C^-1) A = Y - y_mean over the distinct
+        inputs gives exactly the fit on the pairs themselves (one row per pair) at a fraction of the size.
+        Standardization and the intercept are weighted by the counts, as they would be over the pairs.
+        """
+        x, y = x.double(), y.double()
+        c = torch.ones(len(x), dtype=torch.float64) if counts is None else counts.double().cpu()
+        if len(c) != len(x) or len(x) == 0 or bool((c <= 0).any()):
+            raise ConfigError(f"KernelRidgeMap.fit needs one positive count per input; got {len(c)} counts for "
+                              f"{len(x)} inputs (min {float(c.min()) if len(c) else 'none'}).")
+        n = float(c.sum())
+        mean = c @ x / n
+        scale = ((c @ (x - mean) ** 2) / max(n - 1, 1)).sqrt().clamp_min(1e-6)
+        y_mean = c @ y / n
+        support = (x - mean) / scale
+        gram = _rbf(support, support, gamma) + torch.diag(alpha / c)
+        coef = torch.linalg.solve(gram, y - y_mean)
+        return cls(support, coef, mean, scale, y_mean.float(), alpha, gamma)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Map features x into the target space (in chunks: the kernel rows are n_train wide)."""
+        out = [_rbf((part.double().cpu() - self.x_mean) / self.x_scale, self.support, self.gamma) @ self.coef
+               for part in x.split(4096)]
+        return self.y_mean + (torch.cat(out) if out else x.new_zeros(0, len(self.y_mean)).double()).float()
+
+
+def _rbf(a: torch.Tensor, b: torch.Tensor, gamma: float) -> torch.Tensor:
+    """exp(-gamma ||a_i - b_j||^2 / width): the width division keeps one gamma grid for any feature count."""
+    return torch.exp(torch.cdist(a, b).pow(2) * (-gamma / a.shape[1]))
+
+
+TextSpaceMap = Union[RidgeMap, KernelRidgeMap]
+KERNELS = ("linear", "rbf")
+LINEAR_ALPHAS = (1.0, 10.0, 100.0, 300.0, 1000.0, 3000.0, 1e4)
+RBF_ALPHAS = (0.01, 0.03, 0.1, 0.3, 1.0)
+RBF_GAMMAS = (0.5, 1.0, 2.0, 4.0)
 
 
 @dataclass
@@ -119,24 +190,44 @@ def pooled_part(features: EmbeddedPairs, model: Any) -> EmbeddedPairs:
     return replace(features, images=features.images[:, :model.vision.hidden_size])
 
 
-def fit_ridge(train: EmbeddedPairs, alphas: Sequence[float] = (1.0, 10.0, 100.0, 300.0, 1000.0, 3000.0, 1e4),
-              val: EmbeddedPairs | None = None) -> RidgeMap:
-    """Fit image features -> text features on training pairs; choose alpha by validation mean recall."""
-    x = train.images[train.text_image]  # one row per caption: an image is a sample for each of its captions
+def fit_ridge(train: EmbeddedPairs, alphas: Sequence[float] | None = None, val: EmbeddedPairs | None = None,
+              kernel: str = "linear", gammas: Sequence[float] = RBF_GAMMAS) -> TextSpaceMap:
+    """Fit image features -> text features on training pairs; choose alpha (and gamma) by validation mean recall.
+
+    `kernel`: 'linear' (RidgeMap) or 'rbf' (KernelRidgeMap, over the distinct training images). Without
+    `val` the middle of each grid is used.
+    """
+    if kernel not in KERNELS:
+        raise ConfigError(f"ridge kernel={kernel!r} is not one of {list(KERNELS)}.")
     y = F.normalize(train.texts, dim=-1)
-    if val is None or len(alphas) == 1:
-        return RidgeMap.fit(x, y, alphas[len(alphas) // 2])
-    scored = [(ridge_retrieval(RidgeMap.fit(x, y, a), val)["all"]["mean_recall"], a) for a in alphas]
-    return RidgeMap.fit(x, y, max(scored)[1])
+    if kernel == "linear":
+        x = train.images[train.text_image]  # one row per caption: an image is a sample for each of its captions
+        grid = [(a, None) for a in (alphas or LINEAR_ALPHAS)]
+        fit = lambda a, g: RidgeMap.fit(x, y, a)  # noqa: E731
+    else:
+        counts = torch.bincount(train.text_image, minlength=len(train.images))
+        used = counts > 0  # images without a caption carry no target
+        if int(used.sum()) > KERNEL_MAX_IMAGES:
+            raise ConfigError(f"ridge kernel 'rbf' solves over the distinct training images: {int(used.sum())} > "
+                              f"{KERNEL_MAX_IMAGES}; use the 'linear' kernel or fewer training images.")
+        sums = torch.zeros(len(train.images), y.shape[1], dtype=torch.float64).index_add_(
+            0, train.text_image, y.double())
+        x, y_mean, c = train.images[used], (sums[used] / counts[used, None]), counts[used]
+        grid = [(a, g) for a in (alphas or RBF_ALPHAS) for g in gammas]
+        fit = lambda a, g: KernelRidgeMap.fit(x, y_mean, a, g, c)  # noqa: E731
+    if val is None or len(grid) == 1:
+        return fit(*grid[len(grid) // 2])
+    scored = [(ridge_retrieval(fit(a, g), val)["all"]["mean_recall"], i) for i, (a, g) in enumerate(grid)]
+    return fit(*grid[max(scored)[1]])
 
 
-def ridge_pairs(ridge: RidgeMap, features: EmbeddedPairs) -> EmbeddedPairs:
+def ridge_pairs(ridge: TextSpaceMap, features: EmbeddedPairs) -> EmbeddedPairs:
     """Frozen-feature pairs mapped into the shared space by `ridge` (what its retrieval scores)."""
     return EmbeddedPairs(ridge.embed_images(features.images), ridge.embed_texts(features.texts),
                          features.text_image, features.langs, features.skipped)
 
 
-def ridge_retrieval(ridge: RidgeMap, features: EmbeddedPairs, k: Sequence[int] = (1, 5, 10),
+def ridge_retrieval(ridge: TextSpaceMap, features: EmbeddedPairs, k: Sequence[int] = (1, 5, 10),
                     hubness: HubnessBank | None = None) -> dict[str, Any]:
     """Retrieval recall@K per language when images are mapped into the text space by `ridge`.
 

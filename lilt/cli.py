@@ -96,7 +96,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                            label_column=args.label_column, batch_size=args.batch_size, num_workers=args.num_workers,
                            split=args.split, columns=_columns(args), hubness=args.hubness,
                            ridge_ensemble=args.ridge_ensemble, val_data=args.val_data, parallel=args.parallel,
-                           ridge_features=args.ridge_features,
+                           ridge_features=args.ridge_features, ridge_kernel=args.ridge_kernel,
                            parallel_langs=args.parallel_langs)
     print(markdown_table(rows))
     print("\n" + "\n".join(f"{kind}: {path}" for kind, path in paths.items()))
@@ -355,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "towers' features of --train-data (see README, Evaluation)")
     ev.add_argument("--ridge-features", default="pooled", choices=["pooled", "stages"], help="--ridge-ensemble: "
                     "what its ridge map reads of each image (stages: pooled plus each vision block's pooled output)")
+    ev.add_argument("--ridge-kernel", default="linear", choices=["linear", "rbf"], help="--ridge-ensemble: its "
+                    "ridge map's kind (rbf: kernel ridge regression, alpha and width chosen on --val-data)")
     ev.add_argument("--parallel", help="retrieval with captions translated by maps fitted on this parallel text "
                     "(builtin:emoji-cldr or a source/target/lang table), strength chosen on --val-data")
     ev.add_argument("--parallel-langs", nargs="+", help="--parallel: its target languages (needed for "

@@ -9,7 +9,8 @@ Languages listed under `eval.langs` but absent from the training data show zero-
 multilingual text tower. With `eval.hubness`, all four are scored with the CSLS hubness correction, each
 against a bank of its own training embeddings at the k and beta its validation split prefers. With
 `eval.ridge_ensemble`, the trained model's scores are mixed with the ridge map's (lilt.eval.ensemble);
-`eval.ridge_features: stages` has the ridge map (baseline and ensemble side) read multi-scale image features. With
+`eval.ridge_features: stages` has the ridge map (baseline and ensemble side) read multi-scale image features, and
+`eval.ridge_kernel: rbf` makes it kernel ridge regression (lilt.baselines.KernelRidgeMap). With
 `eval.translate`, each model's captions in data.parallel's languages are moved by translation maps fitted
 on that parallel text in the model's own space (lilt.eval.translate), strength chosen on validation.
 """
@@ -118,10 +119,12 @@ def run_demo(out_dir: Path, recipe: str | Path = "demo", overrides: Sequence[str
     train_features, val_features = features[TRAIN], features[VAL]
     results = {"untrained": scored("untrained", translated(
         "untrained", lambda i: head_embeddings(model, features[i]), lambda t: head_texts(model, t)))}
-    ridge = fit_ridge(read[TRAIN], val=read[VAL])
+    kernel = spec.eval.ridge_kernel
+    ridge = fit_ridge(read[TRAIN], val=read[VAL], kernel=kernel)
     ridge_side = translated("ridge", lambda i: ridge_pairs(ridge, read[i]), ridge.embed_texts)
     results["ridge"] = scored("ridge", ridge_side)
-    print(f"    ridge map fitted (alpha {ridge.alpha:g}{', multi-scale image features' if stages else ''}) in "
+    fitted = f"alpha {ridge.alpha:g}" + (f", rbf kernel gamma {ridge.gamma:g}" if kernel == "rbf" else "")
+    print(f"    ridge map fitted ({fitted}{', multi-scale image features' if stages else ''}) in "
           f"{time.perf_counter() - start:.0f} s\n")
 
     if train_config.head_warmup_epochs or train_config.head_init == "ridge":  # here, to score the heads alone
@@ -163,6 +166,8 @@ def run_demo(out_dir: Path, recipe: str | Path = "demo", overrides: Sequence[str
             again += " --hubness"
         if stages:
             again += " --ridge-features stages"
+        if kernel != "linear":
+            again += f" --ridge-kernel {kernel}"
         print(f"trained = the tuned model's scores mixed with the ridge map's (eval.ridge_ensemble), weight {weight:g} "
               f"chosen on validation. The saved model is the tuned one; `lilt eval {again} --val-data "
               "builtin:emoji-cldr:validation` mixes it again.")

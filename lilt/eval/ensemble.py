@@ -19,7 +19,7 @@ import datasets
 import torch
 import torch.nn.functional as F
 
-from ..baselines import RidgeMap, fit_ridge, pair_features, ridge_pairs
+from ..baselines import TextSpaceMap, fit_ridge, pair_features, ridge_pairs
 from ..errors import ConfigError, DataError
 from .retrieval import EmbeddedPairs, embed_pairs, retrieval_by_lang
 from .translate import TranslationMaps, choose_translation, embed_parallel
@@ -62,7 +62,7 @@ class RidgeEnsemble:
 
     model: Any
     frozen: Any
-    ridge: RidgeMap
+    ridge: TextSpaceMap  # RidgeMap or KernelRidgeMap
     weight: float
     translation: TranslationMaps | None = None  # the tuned side's caption maps (lilt.eval.translate)
     ridge_translation: TranslationMaps | None = None  # the ridge side's, fitted in its text space
@@ -87,20 +87,22 @@ class RidgeEnsemble:
 
 def fit_ridge_ensemble(model: Any, train_data: datasets.Dataset, val_data: datasets.Dataset, *, frozen: Any = None,
                        weights: Sequence[float] = DEFAULT_WEIGHTS, parallel: datasets.Dataset | None = None,
-                       stages: bool = False, **options: Any) -> tuple[RidgeEnsemble, dict[float, float]]:
+                       stages: bool = False, kernel: str = "linear",
+                       **options: Any) -> tuple[RidgeEnsemble, dict[float, float]]:
     """Fit the ridge map on the frozen towers' features of `train_data`; choose the weight on `val_data`.
 
     `frozen`: a DualEncoder of the untuned towers (default: built afresh from `model.config`, i.e. the
     pretrained backbones). `parallel`: a parallel table (lilt.data.parallel.load_parallel) for translation
     maps on both sides, chosen on `val_data` before the weight. `stages`: the ridge map reads the images'
-    multi-scale features (lilt.baselines.pair_features). Returns the ensemble and each weight's validation
+    multi-scale features (lilt.baselines.pair_features). `kernel`: the ridge map's, 'linear' or 'rbf'
+    (lilt.baselines.fit_ridge). Returns the ensemble and each weight's validation
     mean recall.
     """
     if frozen is None:
         from ..model import DualEncoder
         frozen = DualEncoder(model.config).to(model.device).eval()
     train_features, val_features = (pair_features(frozen, d, stages=stages, **options) for d in (train_data, val_data))
-    ridge = fit_ridge(train_features, val=val_features)
+    ridge = fit_ridge(train_features, val=val_features, kernel=kernel)
     tuned_val, ridge_val = embed_pairs(model, val_data, **options), ridge_pairs(ridge, val_features)
     translation = ridge_translation = None
     if parallel is not None:

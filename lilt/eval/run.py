@@ -21,7 +21,8 @@ def run_eval(model: Any, data: str, out: str | Path, *, task: Task = "retrieval"
              model_name: str | None = None, split: str | None = None,
              columns: Mapping[str, str] | None = None, hubness: bool = False, ridge_ensemble: bool = False,
              val_data: str | None = None, parallel: str | None = None, parallel_langs: Sequence[str] | None = None,
-             ridge_features: str = "pooled") -> tuple[list[dict[str, Any]], dict[str, Path]]:
+             ridge_features: str = "pooled",
+             ridge_kernel: str = "linear") -> tuple[list[dict[str, Any]], dict[str, Path]]:
     """Evaluate `model` (a DualEncoder or a saved folder) on `data`; write eval.{json,md,png} under `out`.
 
     `columns`: load_pairs' image_column/text_column/lang_column for a table whose columns are named otherwise
@@ -33,7 +34,8 @@ def run_eval(model: Any, data: str, out: str | Path, *, task: Task = "retrieval"
     (lilt.eval.ensemble). Both together: the correction applies to the mixed scores. `parallel`
     (retrieval): captions in `parallel_langs` translated by maps fitted on that parallel text, strength chosen
     on `val_data` (lilt.eval.translate); with the ensemble, on both of its sides. `ridge_features`: 'stages'
-    has the ensemble's ridge map read multi-scale image features (lilt.baselines.pair_features).
+    has the ensemble's ridge map read multi-scale image features (lilt.baselines.pair_features);
+    `ridge_kernel`: 'rbf' makes that map kernel ridge regression (lilt.baselines.KernelRidgeMap).
     """
     import lilt
     from ..data import load_labelled, load_pairs
@@ -47,6 +49,9 @@ def run_eval(model: Any, data: str, out: str | Path, *, task: Task = "retrieval"
     if ridge_features not in ("pooled", "stages") or (ridge_features == "stages" and not ridge_ensemble):
         raise ConfigError(f"--ridge-features {ridge_features}: choose pooled or stages; stages goes with "
                           "--ridge-ensemble (it is what the ensemble's ridge map reads).")
+    if ridge_kernel not in ("linear", "rbf") or (ridge_kernel == "rbf" and not ridge_ensemble):
+        raise ConfigError(f"--ridge-kernel {ridge_kernel}: choose linear or rbf; rbf goes with --ridge-ensemble "
+                          "(it is the ensemble's ridge map).")
     levers = [flag for flag, on in (("--hubness", hubness), ("--ridge-ensemble", ridge_ensemble)) if on]
     if parallel and (task != "retrieval" or not val_data):
         raise ConfigError(f"--parallel {parallel} (task {task}, --val-data {val_data}) translates retrieval captions: "
@@ -64,7 +69,8 @@ def run_eval(model: Any, data: str, out: str | Path, *, task: Task = "retrieval"
                 from ..data.parallel import load_parallel
                 table = load_parallel(parallel, parallel_langs)
             results, extra = _retrieval_with_levers(model, pairs, train_data, val_data, langs, columns, hubness,
-                                                    ridge_ensemble, options, table, ridge_features == "stages")
+                                                    ridge_ensemble, options, table, ridge_features == "stages",
+                                                    ridge_kernel)
         else:
             results = lilt.evaluate_retrieval(model, pairs, progress=True, **options)
     elif task == "zeroshot":
@@ -94,7 +100,7 @@ def run_eval(model: Any, data: str, out: str | Path, *, task: Task = "retrieval"
 def _retrieval_with_levers(model: Any, pairs: Any, train_data: str, val_data: str, langs: Sequence[str] | None,
                            columns: Mapping[str, str] | None, hubness: bool, ridge_ensemble: bool,
                            options: dict[str, Any], parallel: Any = None,
-                           stages: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+                           stages: bool = False, kernel: str = "linear") -> tuple[dict[str, Any], dict[str, Any]]:
     """Retrieval with translation maps, the ridge ensemble and/or the hubness correction, chosen on `val_data`."""
     from ..data import load_pairs
     from .ensemble import fit_ridge_ensemble
@@ -107,9 +113,12 @@ def _retrieval_with_levers(model: Any, pairs: Any, train_data: str, val_data: st
     extra: dict[str, Any] = {}
     embed: Any = partial(embed_pairs, model)
     if ridge_ensemble:
-        ensemble, _ = fit_ridge_ensemble(model, train, val, progress=True, parallel=parallel, stages=stages, **options)
+        ensemble, _ = fit_ridge_ensemble(model, train, val, progress=True, parallel=parallel, stages=stages,
+                                         kernel=kernel, **options)
         extra.update(ridge_ensemble_weight=ensemble.weight, ridge_alpha=ensemble.ridge.alpha,
-                     ridge_features="stages" if stages else "pooled")
+                     ridge_features="stages" if stages else "pooled", ridge_kernel=kernel)
+        if kernel == "rbf":
+            extra["ridge_gamma"] = ensemble.ridge.gamma
         embed = ensemble.embed_pairs
         maps = ensemble.translation
     elif parallel is not None:
