@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import lilt
-from lilt.baselines import RidgeMap, fit_ridge, heads_from_ridge, ridge_retrieval
+from lilt.baselines import KernelRidgeMap, RidgeMap, fit_ridge, heads_from_ridge, ridge_retrieval
 from lilt.eval.retrieval import EmbeddedPairs, retrieval_by_lang
 
 
@@ -45,6 +45,55 @@ def test_fit_ridge_retrieves_held_out_pairs_and_picks_alpha_on_validation() -> N
     chance = ridge_retrieval(RidgeMap(torch.randn(16, 8), torch.zeros(16), torch.ones(16), torch.zeros(8), 0.0), test)
     assert chance["all"]["i2t/R@1"] < 30
     assert F.normalize(ridge(test.images), dim=-1).shape == (80, 8)
+
+
+def _nonlinear_pairs(n: int, seed: int) -> EmbeddedPairs:
+    """Images and one caption each whose features are a nonlinear function of the image's: no linear map fits."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=g) * 2 + 1
+    y = torch.stack([torch.sin(2 * x[:, 0]), x[:, 1] * x[:, 2], torch.cos(x[:, 3]), (x[:, 4] > 1).float(),
+                     torch.tanh(x[:, 5] * x[:, 0])], 1) + 0.05 * torch.randn(n, 5, generator=g)
+    return EmbeddedPairs(x, y, torch.arange(n), ["en"] * n, 0)
+
+
+def test_kernel_ridge_over_distinct_images_is_the_fit_over_their_pairs() -> None:
+    g = torch.Generator().manual_seed(7)
+    x, counts = torch.randn(30, 8, generator=g) * 2, torch.randint(1, 4, (30,), generator=g)
+    rows = torch.arange(30).repeat_interleave(counts)
+    y = torch.randn(len(rows), 5, generator=g)  # each pair its own target
+    mean_y = torch.zeros(30, 5).index_add_(0, rows, y) / counts[:, None]
+    distinct, expanded = KernelRidgeMap.fit(x, mean_y, 0.3, 1.0, counts), KernelRidgeMap.fit(x[rows], y, 0.3, 1.0)
+    probe = torch.randn(9, 8, generator=g)
+    torch.testing.assert_close(distinct(probe), expanded(probe), atol=1e-5, rtol=1e-5)
+    assert len(distinct.support) == 30 and len(expanded.support) == len(rows) > 30
+    with pytest.raises(lilt.ConfigError, match="one positive count per input"):
+        KernelRidgeMap.fit(x, mean_y, counts=torch.zeros(30))
+
+
+def test_kernel_ridge_fits_a_nonlinear_map_that_the_linear_one_cannot() -> None:
+    train, val, test = _nonlinear_pairs(400, 1), _nonlinear_pairs(100, 2), _nonlinear_pairs(150, 3)
+    kernel, linear = fit_ridge(train, val=val, kernel="rbf"), fit_ridge(train, val=val)
+    target = F.normalize(test.texts, dim=-1)  # fit_ridge fits the unit caption features
+    error = {name: float((m(test.images) - target).pow(2).mean()) for name, m in (("rbf", kernel), ("linear", linear))}
+    assert error["rbf"] < 0.7 * error["linear"], error  # about 0.49x here
+    recall = {name: ridge_retrieval(m, test)["all"]["mean_recall"] for name, m in (("rbf", kernel),
+                                                                                   ("linear", linear))}
+    assert recall["rbf"] > recall["linear"] + 10, recall
+    # alpha and gamma chosen on validation from the grid given
+    grid = [(a, g) for a in (0.01, 1.0) for g in (0.25, 4.0)]
+    chosen = fit_ridge(train, alphas=(0.01, 1.0), gammas=(0.25, 4.0), val=val, kernel="rbf")
+    scores = {(a, g): ridge_retrieval(fit_ridge(train, alphas=(a,), gammas=(g,), kernel="rbf"), val)["all"][
+        "mean_recall"] for a, g in grid}
+    assert scores[(chosen.alpha, chosen.gamma)] == max(scores.values())
+
+
+def test_a_kernel_ridge_too_large_or_unknown_is_a_one_line_error(monkeypatch) -> None:
+    train = _nonlinear_pairs(40, 4)
+    monkeypatch.setattr(lilt.baselines, "KERNEL_MAX_IMAGES", 30)
+    with pytest.raises(lilt.ConfigError, match="distinct training images: 40 > 30; use the 'linear' kernel"):
+        fit_ridge(train, kernel="rbf")
+    with pytest.raises(lilt.ConfigError, match=r"kernel='poly' is not one of \['linear', 'rbf'\]"):
+        fit_ridge(train, kernel="poly")
 
 
 def _head_pairs(model, features: EmbeddedPairs) -> EmbeddedPairs:

@@ -118,7 +118,12 @@ def test_eval_with_the_scoring_levers_names_their_choices(make_model, tmp_path: 
     assert rows[0]["ridge_features"] == "pooled"
     assert main([*base, "--ridge-ensemble", "--ridge-features", "stages", *bank, "--out", str(tmp_path / "s")]) == 0
     assert json.loads((tmp_path / "s" / "eval.json").read_text())[0]["ridge_features"] == "stages"
+    assert main([*base, "--ridge-ensemble", "--ridge-kernel", "rbf", *bank, "--out", str(tmp_path / "k")]) == 0
+    rows = json.loads((tmp_path / "k" / "eval.json").read_text())
+    assert rows[0]["ridge_kernel"] == "rbf" and rows[0]["ridge_gamma"] in (0.5, 1.0, 2.0, 4.0)
     capsys.readouterr()
+    assert main([*base, "--ridge-kernel", "rbf", *bank]) == 2
+    assert "--ridge-kernel rbf: choose linear or rbf; rbf goes with --ridge-ensemble" in capsys.readouterr().err
     assert main([*base, "--ridge-features", "stages", *bank]) == 2
     assert "--ridge-features stages: choose pooled or stages; stages goes with --ridge-ensemble" in \
         capsys.readouterr().err

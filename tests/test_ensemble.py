@@ -90,3 +90,18 @@ def test_a_ridge_ensemble_on_stage_features_reads_them_at_fit_and_at_scoring(mak
     assert ensemble.evaluate(test)["en"] == lilt.baselines.ridge_retrieval(ensemble.ridge, feats)["en"]
     with pytest.raises(ConfigError, match="features='layers' must be"):
         lilt.eval.embed_pairs(model, test, features="layers")
+
+
+def test_a_kernel_ridge_ensemble_scores_with_its_kernel_map(make_model):
+    model = make_model("cnn")
+    train = lilt.load_pairs("builtin:tiny-random:train")
+    val, test = lilt.load_pairs("builtin:tiny-random:validation"), lilt.load_pairs("builtin:tiny-random:test")
+    ensemble, _ = fit_ridge_ensemble(model, train, val, stages=True, kernel="rbf")
+    assert isinstance(ensemble.ridge, lilt.baselines.KernelRidgeMap)
+    distinct = lilt.baselines.pair_features(ensemble.frozen, train, stages=True).images
+    assert ensemble.ridge.support.shape == distinct.shape  # one row per distinct training image, not per caption
+    ensemble.weight = 1.0
+    feats = lilt.eval.embed_pairs(ensemble.frozen, test, features="stages")
+    assert ensemble.evaluate(test)["en"] == lilt.baselines.ridge_retrieval(ensemble.ridge, feats)["en"]
+    with pytest.raises(ConfigError, match="kernel='poly' is not one of"):
+        fit_ridge_ensemble(model, train, val, kernel="poly")
