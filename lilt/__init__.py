@@ -68,6 +68,8 @@ _EXPORTS = {
     "search_index": "lilt.embeddings",
     "open_index": "lilt.embeddings",
     "RidgeMap": "lilt.baselines",
+    "KernelRidgeMap": "lilt.baselines",
+    "fit_ridge": "lilt.baselines",
     "heads_from_ridge": "lilt.baselines",
     "trainable_state": "lilt.interpolation",
     "interpolate": "lilt.interpolation",
