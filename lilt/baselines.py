@@ -251,6 +251,9 @@ def heads_from_ridge(model: Any, ridge: RidgeMap, text_features: torch.Tensor) -
     projected on P. The heads see raw features, so the text normalization is folded in as a division by
     the training texts' mean norm (nearly constant for e5-style towers).
     """
+    if not isinstance(ridge, RidgeMap):
+        raise ConfigError(f"heads_from_ridge needs a linear RidgeMap; got a {type(ridge).__name__}, which has no "
+                          "weight matrix to put in the heads: fit it with fit_ridge(kernel='linear').")
     vision, text = model.vision_proj, model.text_proj
     if vision.bias is None or text.bias is None:
         raise ConfigError("heads_from_ridge needs projection heads with a bias (ModelConfig.head_bias: true): "

@@ -96,6 +96,15 @@ def test_a_kernel_ridge_too_large_or_unknown_is_a_one_line_error(monkeypatch) ->
         fit_ridge(train, kernel="poly")
 
 
+def test_heads_from_ridge_refuses_a_kernel_map(make_model) -> None:
+    model = make_model("vit")
+    width_x, width_y = model.vision_proj.in_features, model.text_proj.in_features
+    g = torch.Generator().manual_seed(5)
+    kernel = KernelRidgeMap.fit(torch.randn(20, width_x, generator=g), torch.randn(20, width_y, generator=g))
+    with pytest.raises(lilt.ConfigError, match="needs a linear RidgeMap; got a KernelRidgeMap"):
+        heads_from_ridge(model, kernel, torch.randn(20, width_y, generator=g))
+
+
 def _head_pairs(model, features: EmbeddedPairs) -> EmbeddedPairs:
     """The features embedded by the model's projection heads (what retrieval with the model compares)."""
     with torch.no_grad():

@@ -8,6 +8,8 @@ scores rather than of weights (Wortsman et al. 2022 compare the two), and the ri
 closed-form fit. The mix rides in concatenated embeddings, `[sqrt(1-w) tuned, sqrt(w) ridge]`, so every
 recall routine (and the hubness correction) works on it unchanged. With parallel text, each side's captions
 are first moved by its own translation maps (lilt.eval.translate), chosen on validation before the weight.
+The ridge side may read multi-scale image features (`stages`) and be kernel ridge regression (`kernel='rbf'`,
+lilt.baselines.KernelRidgeMap); the demo recipe uses both.
 """
 
 from __future__ import annotations
