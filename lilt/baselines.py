@@ -108,6 +108,12 @@ class KernelRidgeMap(_TextSpaceMap):
         inputs gives exactly the fit on the pairs themselves (one row per pair) at a fraction of the size.
         Standardization and the intercept are weighted by the counts, as they would be over the pairs.
         """
+        return cls.fit_grid(x, y, [(alpha, gamma)], counts)[0]
+
+    @classmethod
+    def fit_grid(cls, x: torch.Tensor, y: torch.Tensor, grid: Sequence[tuple[float, float]],
+                 counts: torch.Tensor | None = None) -> list["KernelRidgeMap"]:
+        """`fit` at each (alpha, gamma) of `grid`, sharing the standardization and the pairwise distances."""
         x, y = x.double(), y.double()
         c = torch.ones(len(x), dtype=torch.float64) if counts is None else counts.double().cpu()
         if len(c) != len(x) or len(x) == 0 or bool((c <= 0).any()):
@@ -118,9 +124,10 @@ class KernelRidgeMap(_TextSpaceMap):
         scale = ((c @ (x - mean) ** 2) / max(n - 1, 1)).sqrt().clamp_min(1e-6)
         y_mean = c @ y / n
         support = (x - mean) / scale
-        gram = _rbf(support, support, gamma) + torch.diag(alpha / c)
-        coef = torch.linalg.solve(gram, y - y_mean)
-        return cls(support, coef, mean, scale, y_mean.float(), alpha, gamma)
+        distances = _squared_distances(support, support)
+        return [cls(support, torch.linalg.solve(_rbf_of(distances, gamma, support.shape[1]) + torch.diag(alpha / c),
+                                                y - y_mean), mean, scale, y_mean.float(), alpha, gamma)
+                for alpha, gamma in grid]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Map features x into the target space (in chunks: the kernel rows are n_train wide)."""
@@ -129,9 +136,19 @@ class KernelRidgeMap(_TextSpaceMap):
         return self.y_mean + (torch.cat(out) if out else x.new_zeros(0, len(self.y_mean)).double()).float()
 
 
+def _squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """||a_i - b_j||^2 for every pair of rows."""
+    return torch.cdist(a, b).pow(2)
+
+
+def _rbf_of(distances: torch.Tensor, gamma: float, width: int) -> torch.Tensor:
+    """exp(-gamma d / width) of squared distances d: the width division keeps one gamma grid for any feature count."""
+    return torch.exp(distances * (-gamma / width))
+
+
 def _rbf(a: torch.Tensor, b: torch.Tensor, gamma: float) -> torch.Tensor:
-    """exp(-gamma ||a_i - b_j||^2 / width): the width division keeps one gamma grid for any feature count."""
-    return torch.exp(torch.cdist(a, b).pow(2) * (-gamma / a.shape[1]))
+    """The RBF kernel between the rows of a and of b."""
+    return _rbf_of(_squared_distances(a, b), gamma, a.shape[1])
 
 
 TextSpaceMap = Union[RidgeMap, KernelRidgeMap]
@@ -201,9 +218,14 @@ def fit_ridge(train: EmbeddedPairs, alphas: Sequence[float] | None = None, val: 
         raise ConfigError(f"ridge kernel={kernel!r} is not one of {list(KERNELS)}.")
     y = F.normalize(train.texts, dim=-1)
     if kernel == "linear":
-        x = train.images[train.text_image]  # one row per caption: an image is a sample for each of its captions
         grid = [(a, None) for a in (alphas or LINEAR_ALPHAS)]
-        fit = lambda a, g: RidgeMap.fit(x, y, a)  # noqa: E731
+    else:
+        grid = [(a, g) for a in (alphas or RBF_ALPHAS) for g in gammas]
+    if val is None:
+        grid = [grid[len(grid) // 2]]
+    if kernel == "linear":
+        x = train.images[train.text_image]  # one row per caption: an image is a sample for each of its captions
+        maps: list[TextSpaceMap] = [RidgeMap.fit(x, y, a) for a, _ in grid]
     else:
         counts = torch.bincount(train.text_image, minlength=len(train.images))
         used = counts > 0  # images without a caption carry no target
@@ -212,13 +234,11 @@ def fit_ridge(train: EmbeddedPairs, alphas: Sequence[float] | None = None, val: 
                               f"{KERNEL_MAX_IMAGES}; use the 'linear' kernel or fewer training images.")
         sums = torch.zeros(len(train.images), y.shape[1], dtype=torch.float64).index_add_(
             0, train.text_image, y.double())
-        x, y_mean, c = train.images[used], (sums[used] / counts[used, None]), counts[used]
-        grid = [(a, g) for a in (alphas or RBF_ALPHAS) for g in gammas]
-        fit = lambda a, g: KernelRidgeMap.fit(x, y_mean, a, g, c)  # noqa: E731
-    if val is None or len(grid) == 1:
-        return fit(*grid[len(grid) // 2])
-    scored = [(ridge_retrieval(fit(a, g), val)["all"]["mean_recall"], i) for i, (a, g) in enumerate(grid)]
-    return fit(*grid[max(scored)[1]])
+        maps = KernelRidgeMap.fit_grid(train.images[used], sums[used] / counts[used, None], grid, counts[used])
+    if len(maps) == 1:
+        return maps[0]
+    scored = [(ridge_retrieval(m, val)["all"]["mean_recall"], i) for i, m in enumerate(maps)]
+    return maps[max(scored)[1]]
 
 
 def ridge_pairs(ridge: TextSpaceMap, features: EmbeddedPairs) -> EmbeddedPairs:
