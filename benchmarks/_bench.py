@@ -34,7 +34,7 @@ from lilt.data.emoji_cldr import load_emoji_cldr  # noqa: E402
 from lilt.data.resolve import resolve_data  # noqa: E402
 from lilt.data.transforms import PairCollator  # noqa: E402
 from lilt.data.loader import pair_loader  # noqa: E402
-from lilt.eval.ensemble import choose_weight, mix_pairs  # noqa: E402
+from lilt.eval.ensemble import DEFAULT_WEIGHTS, choose_weight, choose_weight_and_hubness, mix_pairs  # noqa: E402
 from lilt.eval.hubness import HubnessBank, choose_hubness  # noqa: E402
 from lilt.eval.translate import TranslationMaps, choose_translation, embed_parallel  # noqa: E402
 from lilt.data.parallel import parallel_of  # noqa: E402
@@ -254,7 +254,8 @@ class Bench:
                  workers: dict[str, Any], row: Row) -> None:
         """Scoring-time levers on a tuned model: translation maps (row.translate) and/or the output-space ensemble
         (1 - w) cos(tuned) + w cos(ridge map on frozen features) (row.ensemble), then the CSLS hubness correction
-        of those scores against the training split's (row.hubness), each chosen on validation in that order."""
+        of those scores against the training split's (row.hubness), chosen on validation in that order; the
+        ensemble weight and the correction's k and beta are chosen together."""
         splits = {"val": val_data, "test": self.test, **({"train": train_data} if row.hubness else {})}
         tuned = {k: embed_pairs(model, d, **workers) for k, d in splits.items()}
         result["test_uncorrected"] = _r1(retrieval_by_lang(tuned["test"]))
@@ -276,9 +277,22 @@ class Bench:
             if row.translate:
                 maps = self.ridge_translation(ridge, spec, result, stages)
                 side = {k: maps.apply(v) for k, v in side.items()}
+            levers = result.setdefault("levers", {})
+            levers.update(ridge_alpha=ridge.alpha, **_gamma(ridge))
+            if row.hubness:  # the weight and the correction's k and beta chosen together on validation
+                w, bank, joint = choose_weight_and_hubness(tuned["train"], tuned["val"], side["train"], side["val"])
+                levers.update(ensemble_weight=w, hubness_k=bank.k, hubness_beta=bank.beta, joint_val=joint,
+                              ensemble_val={f"{x:g}": max(v for key, v in joint.items()
+                                                          if key.startswith(f"w={x:g} "))
+                                            for x in DEFAULT_WEIGHTS})
+                final = {k: mix_pairs(tuned[k], side[k], w) for k in tuned}
+                result["test_before_hubness"] = _r1(retrieval_by_lang(final["test"]))
+                final = {k: bank.correct(v) for k, v in final.items()}
+                result["val"] = retrieval_by_lang(final["val"])["all"]
+                result["test"] = _r1(retrieval_by_lang(final["test"]))
+                return
             w, tried = choose_weight(tuned["val"], side["val"])
-            result.setdefault("levers", {}).update(ensemble_weight=w, ridge_alpha=ridge.alpha, **_gamma(ridge),
-                                                   ensemble_val={f"{x:g}": v["mean_recall"] for x, v in tried.items()})
+            levers.update(ensemble_weight=w, ensemble_val={f"{x:g}": v["mean_recall"] for x, v in tried.items()})
             final = {k: mix_pairs(tuned[k], side[k], w) for k in tuned}
         if row.hubness:
             result["test_before_hubness"] = _r1(retrieval_by_lang(final["test"]))

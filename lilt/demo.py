@@ -8,7 +8,8 @@ Four models are compared on the test emoji (never seen in training), per caption
 Languages listed under `eval.langs` but absent from the training data show zero-shot transfer through the
 multilingual text tower. With `eval.hubness`, all four are scored with the CSLS hubness correction, each
 against a bank of its own training embeddings at the k and beta its validation split prefers. With
-`eval.ridge_ensemble`, the trained model's scores are mixed with the ridge map's (lilt.eval.ensemble);
+`eval.ridge_ensemble`, the trained model's scores are mixed with the ridge map's (lilt.eval.ensemble; with
+`eval.hubness` too, the weight and the correction's k and beta are chosen together);
 `eval.ridge_features: stages` has the ridge map (baseline and ensemble side) read multi-scale image features, and
 `eval.ridge_kernel: rbf` makes it kernel ridge regression (lilt.baselines.KernelRidgeMap). With
 `eval.translate`, each model's captions in data.parallel's languages are moved by translation maps fitted
@@ -32,7 +33,7 @@ from .config import DataConfig
 from .data.parallel import parallel_of
 from .data.resolve import resolve_data
 from .errors import ConfigError
-from .eval.ensemble import choose_weight, mix_pairs
+from .eval.ensemble import choose_weight, choose_weight_and_hubness, mix_pairs
 from .eval.hubness import choose_hubness
 from .eval.retrieval import EmbeddedPairs, embed_pairs, retrieval_by_lang
 from .eval.translate import choose_translation, embed_parallel
@@ -150,11 +151,18 @@ def run_demo(out_dir: Path, recipe: str | Path = "demo", overrides: Sequence[str
 
     extra: dict[str, Any] = {}
     weight = 0.0
-    if spec.eval.ridge_ensemble:  # the trained model's scores mixed with the ridge map's, weight on validation
-        weight, tried = choose_weight(trained(VAL), ridge_side(VAL))
-        extra["ridge_ensemble"] = {"weight": weight,
-                                   "val_mean_recall": {f"{w:g}": v["mean_recall"] for w, v in tried.items()}}
-    results["trained"] = scored("trained", lambda i: trained(i, weight))
+    if spec.eval.ridge_ensemble and spec.eval.hubness:  # weight, k and beta chosen together on validation
+        weight, bank, joint = choose_weight_and_hubness(tuned_side(TRAIN), tuned_side(VAL), ridge_side(TRAIN),
+                                                        ridge_side(VAL))
+        hubness["trained"] = {"k": bank.k, "beta": bank.beta}
+        extra["ridge_ensemble"] = {"weight": weight, "val_mean_recall": joint}
+        results["trained"] = retrieval_by_lang(bank.correct(trained(TEST, weight)))
+    else:
+        if spec.eval.ridge_ensemble:  # the trained model's scores mixed with the ridge map's, weight on validation
+            weight, tried = choose_weight(trained(VAL), ridge_side(VAL))
+            extra["ridge_ensemble"] = {"weight": weight,
+                                       "val_mean_recall": {f"{w:g}": v["mean_recall"] for w, v in tried.items()}}
+        results["trained"] = scored("trained", lambda i: trained(i, weight))
 
     table = format_table(results, counts)
     print("\nTest-split retrieval R@1 (%), over all test emoji of each language:\n" + table)
@@ -169,8 +177,8 @@ def run_demo(out_dir: Path, recipe: str | Path = "demo", overrides: Sequence[str
         if kernel != "linear":
             again += f" --ridge-kernel {kernel}"
         print(f"trained = the tuned model's scores mixed with the ridge map's (eval.ridge_ensemble), weight {weight:g} "
-              f"chosen on validation. The saved model is the tuned one; `lilt eval {again} --val-data "
-              "builtin:emoji-cldr:validation` mixes it again.")
+              f"chosen on validation{' with the hubness correction' if spec.eval.hubness else ''}. The saved model "
+              f"is the tuned one; `lilt eval {again} --val-data builtin:emoji-cldr:validation` mixes it again.")
     if translation:
         extra["translation"] = translation
         chosen = "; ".join(f"{name} " + ", ".join(f"{lang} {m['strength']:g}" for lang, m in maps.items())

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 import lilt
 from lilt.errors import ConfigError, DataError
 from lilt.eval import EmbeddedPairs, retrieval_by_lang
-from lilt.eval.ensemble import DEFAULT_WEIGHTS, fit_ridge_ensemble, mix_pairs
+from lilt.eval.ensemble import DEFAULT_WEIGHTS, choose_weight, choose_weight_and_hubness, fit_ridge_ensemble, mix_pairs
+from lilt.eval.hubness import HubnessBank, choose_hubness
 
 
 def _pairs(seed: int, order: torch.Tensor | None = None) -> EmbeddedPairs:
@@ -28,6 +29,42 @@ def test_mixed_dot_products_are_the_weighted_cosines_whatever_the_image_order():
     assert torch.allclose(mixed.texts @ mixed.images.t(), 0.7 * cos + 0.3 * cos_mapped, atol=1e-6)
     assert retrieval_by_lang(mix_pairs(tuned, shuffled, 0.0)) == retrieval_by_lang(tuned)
     assert retrieval_by_lang(mix_pairs(tuned, shuffled, 1.0))["en"] == retrieval_by_lang(mapped)["en"]
+
+
+def _noisy(seed: int, truth: torch.Tensor, noise: float) -> EmbeddedPairs:
+    """40 images, 2 captions each, in two languages: the truth plus noise on both sides (a hub-prone space)."""
+    g = torch.Generator().manual_seed(seed)
+    hub = torch.randn(1, truth.shape[1], generator=g)  # a shared direction: hubs
+    images = truth + noise * torch.randn(truth.shape, generator=g) + hub
+    text_image = torch.arange(2 * len(truth)) % len(truth)
+    texts = truth[text_image] + noise * torch.randn(len(text_image), truth.shape[1], generator=g)
+    return EmbeddedPairs(images, texts, text_image, ["en"] * len(truth) + ["sw"] * len(truth), [])
+
+
+def test_weight_and_hubness_are_chosen_together_as_the_grid_argmax():
+    g = torch.Generator().manual_seed(0)
+    truth = {split: torch.randn(40, 8, generator=g) for split in ("train", "val")}
+    tuned = {split: _noisy(1 + i, t, 1.2) for i, (split, t) in enumerate(truth.items())}
+    mapped = {split: _noisy(5 + i, t, 1.0) for i, (split, t) in enumerate(truth.items())}
+    weight, bank, tried = choose_weight_and_hubness(tuned["train"], tuned["val"], mapped["train"], mapped["val"])
+    assert len(tried) == len(DEFAULT_WEIGHTS) * 3 * 5  # 5 weights x k 5, 10, 20 (50 > 40 images) x 5 betas
+    grid = {}
+    for w in DEFAULT_WEIGHTS:  # brute force: every (w, k, beta) scored on the corrected mixed validation pairs
+        mixed = {split: mix_pairs(tuned[split], mapped[split], w) for split in ("train", "val")}
+        _, scores = choose_hubness(mixed["train"], mixed["val"])
+        grid.update({(w, key): v for key, v in scores.items()})
+    best = max(grid, key=grid.__getitem__)
+    assert (weight, f"k={bank.k} beta={bank.beta:g}") == best and tried[f"w={weight:g} {best[1]}"] == grid[best]
+    # never worse on validation than the weight chosen first, then the correction on that mix
+    first, _ = choose_weight(tuned["val"], mapped["val"])
+    _, after = choose_hubness(mix_pairs(tuned["train"], mapped["train"], first),
+                              mix_pairs(tuned["val"], mapped["val"], first))
+    assert grid[best] >= max(after.values())
+    # the bank fits the mix at its weight, the tuned side alone (its own width) included
+    for w in (0.0, 0.5):
+        b = HubnessBank.from_pairs(mix_pairs(tuned["train"], mapped["train"], w), k=10, beta=0.5)
+        assert b.correct(mix_pairs(tuned["val"], mapped["val"], w)).images.shape[1] == \
+            (8 if w == 0 else 16) + 1 + 2  # [x, 1, one hubness column per banked language]
 
 
 def test_bad_weights_and_different_tables_are_one_line_errors():
@@ -105,3 +142,14 @@ def test_a_kernel_ridge_ensemble_scores_with_its_kernel_map(make_model):
     assert ensemble.evaluate(test)["en"] == lilt.baselines.ridge_retrieval(ensemble.ridge, feats)["en"]
     with pytest.raises(ConfigError, match="kernel='poly' is not one of"):
         fit_ridge_ensemble(model, train, val, kernel="poly")
+
+
+def test_fit_ridge_ensemble_with_hubness_chooses_the_bank_with_the_weight(make_model):
+    model = make_model("vit")
+    train = lilt.load_pairs("builtin:tiny-random:train")
+    val, test = lilt.load_pairs("builtin:tiny-random:validation"), lilt.load_pairs("builtin:tiny-random:test")
+    ensemble, tried = fit_ridge_ensemble(model, train, val, hubness=True)
+    assert ensemble.hubness is not None and len(tried) > len(DEFAULT_WEIGHTS)
+    best = max(tried, key=tried.__getitem__)
+    assert best == f"w={ensemble.weight:g} k={ensemble.hubness.k} beta={ensemble.hubness.beta:g}"
+    assert ensemble.evaluate(test) == retrieval_by_lang(ensemble.hubness.correct(ensemble.embed_pairs(test)))

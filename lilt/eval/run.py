@@ -31,7 +31,8 @@ def run_eval(model: Any, data: str, out: str | Path, *, task: Task = "retrieval"
     `hubness` (retrieval): the CSLS correction against the model's embeddings of `train_data`, k and beta
     chosen on `val_data` (lilt.eval.hubness). `ridge_ensemble` (retrieval): the model's scores mixed with
     a ridge map fitted on the frozen towers' features of `train_data`, the weight chosen on `val_data`
-    (lilt.eval.ensemble). Both together: the correction applies to the mixed scores. `parallel`
+    (lilt.eval.ensemble). Both together: the correction applies to the mixed scores, its k and beta chosen
+    on `val_data` together with the weight. `parallel`
     (retrieval): captions in `parallel_langs` translated by maps fitted on that parallel text, strength chosen
     on `val_data` (lilt.eval.translate); with the ensemble, on both of its sides. `ridge_features`: 'stages'
     has the ensemble's ridge map read multi-scale image features (lilt.baselines.pair_features);
@@ -114,7 +115,7 @@ def _retrieval_with_levers(model: Any, pairs: Any, train_data: str, val_data: st
     embed: Any = partial(embed_pairs, model)
     if ridge_ensemble:
         ensemble, _ = fit_ridge_ensemble(model, train, val, progress=True, parallel=parallel, stages=stages,
-                                         kernel=kernel, **options)
+                                         kernel=kernel, hubness=hubness, **options)
         extra.update(ridge_ensemble_weight=ensemble.weight, ridge_alpha=ensemble.ridge.alpha,
                      ridge_features="stages" if stages else "pooled", ridge_kernel=kernel)
         if kernel == "rbf":
@@ -128,7 +129,11 @@ def _retrieval_with_levers(model: Any, pairs: Any, train_data: str, val_data: st
     if parallel is not None:
         extra.update({f"translation_strength_{lang}": maps.strength[lang] for lang in maps.maps})
     test = embed(pairs, progress=True, **options)
-    if hubness:
+    if ridge_ensemble and hubness:  # chosen with the ensemble's weight
+        bank = ensemble.hubness
+        extra.update(hubness_k=bank.k, hubness_beta=bank.beta)
+        test = bank.correct(test)
+    elif hubness:
         bank, _ = choose_hubness(embed(train, progress=True, **options), embed(val, progress=True, **options))
         extra.update(hubness_k=bank.k, hubness_beta=bank.beta)
         test = bank.correct(test)
