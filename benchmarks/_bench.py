@@ -43,7 +43,7 @@ from lilt.eval.retrieval import (EmbeddedPairs, embed_pairs, evaluate_retrieval,
 from lilt.model import DualEncoder  # noqa: E402
 from lilt.plan import TuningPlan, apply_plan, budget  # noqa: E402
 from lilt.recipe import Recipe  # noqa: E402
-from lilt.training import train, warm_up_heads  # noqa: E402
+from lilt.training import reset_accelerate_state, train, warm_up_heads  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 DEMO = REPO / "recipes" / "demo.yaml"
@@ -178,6 +178,7 @@ class Bench:
 
     def run(self, row: Row, seed: int, lrs: dict[str, float]) -> dict[str, Any]:
         start = time.perf_counter()
+        reset_accelerate_state()  # a bf16 row must not make the next row's mixed_precision 'auto' bf16
         spec = self.recipe(row, seed, lrs)
         train_data, _, _ = resolve_data(None, spec.data, seed)
         val_data = self.val  # the same validation captions for every row, whatever languages it trains on

@@ -22,6 +22,10 @@ CHECKS = (
     *((f"{p} {what} vs lilt full (fp32)", p, kind, bound, at_least)
       for p in ("lwa-ckpt-bf16", "layernorm-ckpt-bf16")
       for what, kind, bound, at_least in (("speed", "vs_full", 1.6, True), ("peak RSS", "memory_vs_full", 0.5, False))),
+    # bf16 autocast with the frozen weights stored in bf16 (train.frozen_dtype=bfloat16): both bounds at once.
+    *((f"{p} vs lilt full (fp32)", p, "vs_full", 1.6, True) for p in ("lwa-bf16-fw", "lora-bf16-fw", "bitfit-bf16-fw")),
+    *((f"{p} peak RSS vs lilt full (fp32)", p, "memory_vs_full", 0.5, False)
+      for p in ("lwa-bf16-fw", "layernorm-bf16-fw")),
     *((f"{p} vs open_clip's same set", p, "vs_open_clip", 1.0, True)
       for p in ("full", "lock-image", "text-ln", "heads")),
 )

@@ -26,6 +26,7 @@ import torch
 
 from lilt.config import DataConfig, ModelConfig, TextConfig, TrainConfig, VisionConfig
 from lilt.cpu_memory import reuse_freed_memory
+from lilt.frozen_precision import frozen_weights_in
 from lilt.data.transforms import decode_image, image_transform
 from lilt.model import DualEncoder
 from lilt.optim import make_optimizer
@@ -97,6 +98,11 @@ CHECKPOINTED |= {"lwa-ckpt-bf16", "layernorm-ckpt-bf16"}
 CONFIGS.update({"lwa-stock": (_recipe("lwa"), None), "lwa-bf16-stock": (_recipe("lwa"), None)})
 BF16 |= {"lwa-bf16-stock"}
 STOCK = {"lwa-stock", "lwa-bf16-stock"}
+# bf16 autocast with the frozen Linear, convolution and embedding weights stored in bf16 (train.frozen_dtype=bfloat16,
+# lilt/frozen_precision.py): the same layer outputs under autocast, half the memory those weights hold.
+LOW_FROZEN = {f"{plan}-bf16-fw" for plan in ("lwa", "layernorm", "lora", "bitfit")}
+CONFIGS.update({name: (_recipe(name.split("-")[0]), None) for name in sorted(LOW_FROZEN)})
+BF16 |= LOW_FROZEN
 # End-to-end rows (lilt.train over builtin:emoji-cldr pairs): lilt's plan and train.cache, or open_clip's set.
 E2E: dict[str, tuple[str, Callable[[], TuningPlan] | None, str]] = {
     "e2e-heads-cache": ("lilt", _plan(LOCK_ALL, "heads"), "auto"),
@@ -296,6 +302,20 @@ def _time_steps(spec: Spec, forward: Callable, optimizer: torch.optim.Optimizer,
                 times[key].append(value)
 
 
+def _time_nograd(spec: Spec, encode: Callable, images: torch.Tensor, ids: torch.Tensor) -> list[float]:
+    """Seconds of each timed no-grad forward of both towers (after `warmup` untimed ones)."""
+    nograd = []
+    with torch.no_grad():
+        for step in range(spec.warmup + spec.steps):
+            _sync(spec.device)
+            t0 = time.perf_counter()
+            encode(images, ids)
+            _sync(spec.device)
+            if step >= spec.warmup:
+                nograd.append(time.perf_counter() - t0)
+    return nograd
+
+
 def measure_steps(spec: Spec) -> dict[str, Any]:
     """Time `warmup` + `steps` training steps split into forward+loss / backward / optimizer, then no-grad forwards."""
     parts = lilt_step_parts if spec.builder == "lilt" else open_clip_step_parts
@@ -307,18 +327,11 @@ def measure_steps(spec: Spec) -> dict[str, Any]:
     times: dict[str, list[float]] = {"forward": [], "backward": [], "optimizer": []}
     # lilt's rows run as lilt.train runs them: on a CPU it keeps freed memory for reuse (train.reuse_cpu_memory,
     # lilt/cpu_memory.py); open_clip's training script does not, though the same malloc settings would help it.
-    with reuse_freed_memory(spec.builder == "lilt" and spec.device == "cpu"):
+    with frozen_weights_in(model, torch.bfloat16, enabled=spec.config in LOW_FROZEN), \
+            reuse_freed_memory(spec.builder == "lilt" and spec.device == "cpu"):
         _time_steps(spec, forward, optimizer, images, ids, times)
-    model.eval()
-    nograd = []
-    with torch.no_grad():
-        for step in range(spec.warmup + spec.steps):
-            _sync(spec.device)
-            t0 = time.perf_counter()
-            encode(images, ids)
-            _sync(spec.device)
-            if step >= spec.warmup:
-                nograd.append(time.perf_counter() - t0)
+    model.eval()  # the fp32 weights are back, as after lilt.train
+    nograd = _time_nograd(spec, encode, images, ids)
     step_times = [sum(x) for x in zip(*times.values())]
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())

@@ -98,6 +98,8 @@ def rows() -> list[Row]:
             ensemble=True, note="the text-to-text term, the maps, the ensemble"),
         Row("lwa+bf16", "lever", plan="lwa", overrides=("train.mixed_precision=bf16",),
             note="bf16 autocast (speed: benchmarks/speed.py's *-bf16 rows); does accuracy hold?"),
+        Row("lwa+bf16-fw", "lever", plan="lwa", overrides=("train.mixed_precision=bf16", "train.frozen_dtype=bfloat16"),
+            note="bf16 autocast, frozen weights stored in bf16 (speed: *-bf16-fw rows); does accuracy hold?"),
         Row("lwa+ridge-init", "lever", plan="lwa", overrides=("train.head_init=ridge",),
             note="heads start from the ridge solution"),
         # Its own evaluation interval: --quick turns evaluation during training off, and with only the final

@@ -380,6 +380,10 @@ class TrainConfig(ConfigBase):
     local_loss: bool = knob(False, "each process scores only its own rows against all (open_clip's local_loss)")
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = knob(
         "auto", "autocast precision; 'auto' takes `accelerate launch`'s setting (else none)")
+    frozen_dtype: Literal["float32", "bfloat16"] = knob(
+        "float32", "'bfloat16' (with mixed_precision bf16): frozen Linear, convolution and embedding weights are "
+        "stored in bf16 while training - autocast computes those layers in bf16 anyway; half their memory; the "
+        "exact fp32 values come back after training (lilt/frozen_precision.py)")
     seed: int = knob(0, "seed of initialization-independent randomness: data order, augmentation, dropout")
     log_every: int = knob(10, "steps between logged losses")
     eval_every: int = knob(0, "steps between validation retrieval evaluations (0: only at the end)")
@@ -469,6 +473,10 @@ class TrainConfig(ConfigBase):
         fractions = [s.data for s in self.growth if isinstance(s.data, float)]
         if fractions != sorted(fractions):
             raise ConfigError(f"growth stages reveal data cumulatively; their fractions {fractions} must not shrink.")
+        if self.frozen_dtype == "bfloat16" and (self.mixed_precision not in ("bf16", "auto") or self.growth):
+            raise ConfigError(f"TrainConfig.frozen_dtype='bfloat16' needs bf16 autocast and no growth stages (got "
+                              f"mixed_precision={self.mixed_precision!r}, {len(self.growth)} growth stages): set "
+                              "train.mixed_precision=bf16 and no growth, or train.frozen_dtype=float32.")
         wise = self.wise_alphas
         if wise is not None and (not wise or not all(0.0 <= a <= 2.0 for a in wise)):
             raise ConfigError(f"TrainConfig.wise_alphas={self.wise_alphas} must be a non-empty list of numbers in "

@@ -42,6 +42,7 @@ from .data.resolve import resolve_data
 from .errors import ConfigError, DataError, NonFiniteError
 from .eval.retrieval import EmbeddedPairs, embed_pairs, evaluate_retrieval
 from .finite import FiniteGuard
+from .frozen_precision import frozen_weights_in
 from .gradcache import grad_cache_backward, split_inputs
 from .interpolation import choose_alpha, interpolate, trainable_state
 from .growth.grower import replay_growth
@@ -115,6 +116,19 @@ def _make_accelerator(config: TrainConfig, precision: str | None, multi: bool, u
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused)])
 
 
+def reset_accelerate_state() -> None:
+    """Forget accelerate's per-process settings, so that the next `train` in this process sets its own precision.
+
+    accelerate keeps one mixed precision per process: after a bf16 run, a run with mixed_precision 'auto' is bf16
+    too, and one asking for another precision is refused. Call it between such runs in one process (a notebook, a
+    benchmark); never inside `accelerate launch`, whose processes share that state."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+    GradientState._reset_state()
+
+
 def train(model: torch.nn.Module, data: Any = None, config: TrainConfig | None = None, *,
           data_config: DataConfig | None = None, val_data: Any = None,
           on_stage_end: Callable[[torch.nn.Module, int, int], dict[str, Any]] | None = None) -> TrainResult:
@@ -127,6 +141,11 @@ def train(model: torch.nn.Module, data: Any = None, config: TrainConfig | None =
     config = config or TrainConfig()
     exit_with_parent()  # an `accelerate launch` worker whose launcher was killed stops too
     accelerator = _accelerator(config, model)
+    low_frozen = config.frozen_dtype == "bfloat16"
+    if low_frozen and accelerator.mixed_precision != "bf16":  # 'auto' resolved to something else
+        raise ConfigError(f"TrainConfig.frozen_dtype='bfloat16' needs bf16 autocast, but this run's mixed precision "
+                          f"is {accelerator.mixed_precision!r}: set train.mixed_precision=bf16 (or `accelerate launch "
+                          "--mixed_precision bf16`), or train.frozen_dtype=float32.")
     set_seed(config.seed)  # dropout and any other draws of the loop; a resume restores its saved states instead
     data, val, data_config = resolve_data(data, data_config, config.seed)
     val = val_data if val_data is not None else val
@@ -188,7 +207,8 @@ def train(model: torch.nn.Module, data: Any = None, config: TrainConfig | None =
         write_text(output / "train_config.json", config.to_json())
         write_text(output / "data_config.json", data_config.to_json())
     accelerator.init_trackers("lilt", config={k: str(v) for k, v in config.to_dict().items()})
-    with reuse_freed_memory(config.reuse_cpu_memory and accelerator.device.type == "cpu"):
+    with frozen_weights_in(model, torch.bfloat16, enabled=low_frozen), \
+            reuse_freed_memory(config.reuse_cpu_memory and accelerator.device.type == "cpu"):
         loop.run(segments, start, val, result, on_stage_end)
     accelerator.end_training()
     return result

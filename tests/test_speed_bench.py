@@ -13,7 +13,7 @@ import torch
 from helpers import REPO
 
 sys.path.insert(0, str(REPO))  # benchmarks/ is a folder of scripts at the repository root, not an installed package
-from benchmarks import speed  # noqa: E402
+from benchmarks import _speed_runs as speed_runs, speed  # noqa: E402
 from benchmarks._speed_report import report  # noqa: E402
 from benchmarks._speed_runs import CONFIGS, Spec, lilt_model, lilt_step_parts, open_clip_model  # noqa: E402
 
@@ -213,3 +213,25 @@ def test_bf16_rows_train_the_same_plan_under_bf16_autocast(tiny_dirs: dict[str, 
 
     assert dtypes("lwa-bf16") == dtypes("lwa-ckpt-bf16") == {torch.bfloat16} and dtypes("lwa") == {torch.float32}
     assert CONFIGS["lwa-bf16"][0]().rules == CONFIGS["lwa"][0]().rules and CONFIGS["lwa-bf16"][1] is None
+
+
+def test_fw_rows_store_the_frozen_weights_in_bf16_while_the_steps_run(tiny_dirs: dict[str, Path], monkeypatch) -> None:
+    seen: list[set[torch.dtype]] = []
+    timed = speed_runs._time_steps
+
+    def spy(spec, forward, optimizer, images, ids, times):  # what the timed steps hold, then run them
+        seen.append({p.dtype for p in built[-1].parameters() if not p.requires_grad})
+        return timed(spec, forward, optimizer, images, ids, times)
+
+    built: list[torch.nn.Module] = []
+    parts = speed_runs.lilt_step_parts
+    monkeypatch.setattr(speed_runs, "lilt_step_parts", lambda spec: (lambda out: built.append(out[0]) or out)(
+        parts(spec)))
+    monkeypatch.setattr(speed_runs, "_time_steps", spy)
+    for config in ("lwa-bf16", "lwa-bf16-fw"):
+        spec = Spec(config, "lilt", str(tiny_dirs["cnn"]), str(tiny_dirs["bert"]), image_size=32, tokens=8,
+                    batch_size=2, steps=1, warmup=0, threads=1, device="cpu")
+        assert speed_runs.measure_steps(spec)["samples_per_s"] > 0
+    assert seen[0] == {torch.float32} and torch.bfloat16 in seen[1]
+    assert {p.dtype for p in built[1].parameters()} == {torch.float32}  # the exact weights back after the steps
+    assert CONFIGS["lwa-bf16-fw"][0]().rules == CONFIGS["lwa"][0]().rules
