@@ -165,6 +165,10 @@ def chosen_levers(seeds: list[dict[str, Any]]) -> str:
                 f"{lang} {statistics.mean(m[lang]['strength'] for m in maps):.2g}" for lang in langs))
     if any("ensemble_weight" in lv for lv in seeds):
         parts.append("w " + ", ".join(f"{lv['ensemble_weight']:g}" for lv in seeds if "ensemble_weight" in lv))
+        if any("hubness_k" in lv and "joint_val" not in lv for lv in seeds):  # measured before 4029c39
+            parts.append("w chosen before the correction")
+        elif any("joint_val" in lv for lv in seeds):
+            parts.append("w, k, beta chosen together")
     return "; ".join(parts)
 
 
