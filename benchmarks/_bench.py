@@ -34,7 +34,7 @@ from lilt.data.emoji_cldr import load_emoji_cldr  # noqa: E402
 from lilt.data.resolve import resolve_data  # noqa: E402
 from lilt.data.transforms import PairCollator  # noqa: E402
 from lilt.data.loader import pair_loader  # noqa: E402
-from lilt.eval.ensemble import DEFAULT_WEIGHTS, choose_weight, choose_weight_and_hubness, mix_pairs  # noqa: E402
+from lilt.eval.ensemble import choose_weight, choose_weight_and_hubness, mix_pairs  # noqa: E402
 from lilt.eval.hubness import HubnessBank, choose_hubness  # noqa: E402
 from lilt.eval.translate import TranslationMaps, choose_translation, embed_parallel  # noqa: E402
 from lilt.data.parallel import parallel_of  # noqa: E402
@@ -268,7 +268,7 @@ class Bench:
                                                                                                  **workers))
             self.note_translation(maps, tried, result, "translation")
             tuned = {k: maps.apply(v) for k, v in tuned.items()}
-        final = tuned
+        final, bank = tuned, None
         if row.ensemble:
             stages = row.ridge_features == "stages"
             frozen = {name: self.frozen.of(d, stages) for name, d in (("train", train_data), ("val", val_data),
@@ -282,22 +282,16 @@ class Bench:
             levers.update(ridge_alpha=ridge.alpha, **_gamma(ridge))
             if row.hubness:  # the weight and the correction's k and beta chosen together on validation
                 w, bank, joint = choose_weight_and_hubness(tuned["train"], tuned["val"], side["train"], side["val"])
-                levers.update(ensemble_weight=w, hubness_k=bank.k, hubness_beta=bank.beta, joint_val=joint,
-                              ensemble_val={f"{x:g}": max(v for key, v in joint.items()
-                                                          if key.startswith(f"w={x:g} "))
-                                            for x in DEFAULT_WEIGHTS})
-                final = {k: mix_pairs(tuned[k], side[k], w) for k in tuned}
-                result["test_before_hubness"] = _r1(retrieval_by_lang(final["test"]))
-                final = {k: bank.correct(v) for k, v in final.items()}
-                result["val"] = retrieval_by_lang(final["val"])["all"]
-                result["test"] = _r1(retrieval_by_lang(final["test"]))
-                return
-            w, tried = choose_weight(tuned["val"], side["val"])
-            levers.update(ensemble_weight=w, ensemble_val={f"{x:g}": v["mean_recall"] for x, v in tried.items()})
+                levers.update(ensemble_weight=w, hubness_k=bank.k, hubness_beta=bank.beta, joint_val=joint)
+            else:
+                w, tried = choose_weight(tuned["val"], side["val"])
+                levers.update(ensemble_weight=w,
+                              ensemble_val={f"{x:g}": v["mean_recall"] for x, v in tried.items()})
             final = {k: mix_pairs(tuned[k], side[k], w) for k in tuned}
         if row.hubness:
             result["test_before_hubness"] = _r1(retrieval_by_lang(final["test"]))
-            bank = self.choose_hubness(final["train"], final["val"], result)
+            if bank is None:
+                bank = self.choose_hubness(final["train"], final["val"], result)
             final = {k: bank.correct(v) for k, v in final.items()}
         result["val"] = retrieval_by_lang(final["val"])["all"]
         result["test"] = _r1(retrieval_by_lang(final["test"]))

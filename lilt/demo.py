@@ -34,7 +34,7 @@ from .data.parallel import parallel_of
 from .data.resolve import resolve_data
 from .errors import ConfigError
 from .eval.ensemble import choose_weight, choose_weight_and_hubness, mix_pairs
-from .eval.hubness import choose_hubness
+from .eval.hubness import HubnessBank, choose_hubness
 from .eval.retrieval import EmbeddedPairs, embed_pairs, retrieval_by_lang
 from .eval.translate import choose_translation, embed_parallel
 from .model import DualEncoder
@@ -103,11 +103,13 @@ def run_demo(out_dir: Path, recipe: str | Path = "demo", overrides: Sequence[str
         translation[name] = {lang: {"alpha": m.alpha, "strength": maps.strength[lang]} for lang, m in maps.maps.items()}
         return lambda i: maps.apply(embed(i))
 
-    def scored(name: str, embed: Callable[[int], EmbeddedPairs]) -> dict[str, dict[str, float]]:
-        """R@1 per language of embed(TEST); with eval.hubness, corrected by a bank of embed(TRAIN)."""
+    def scored(name: str, embed: Callable[[int], EmbeddedPairs],
+               bank: HubnessBank | None = None) -> dict[str, dict[str, float]]:
+        """R@1 per language of embed(TEST); with eval.hubness, corrected by `bank` or else a bank of embed(TRAIN)."""
         if not spec.eval.hubness:
             return retrieval_by_lang(embed(TEST))
-        bank, _ = choose_hubness(embed(TRAIN), embed(VAL))  # k and beta chosen on validation
+        if bank is None:
+            bank, _ = choose_hubness(embed(TRAIN), embed(VAL))  # k and beta chosen on validation
         hubness[name] = {"k": bank.k, "beta": bank.beta}
         return retrieval_by_lang(bank.correct(embed(TEST)))
 
@@ -150,19 +152,16 @@ def run_demo(out_dir: Path, recipe: str | Path = "demo", overrides: Sequence[str
         return mix_pairs(tuned_side(i), ridge_side(i), weight) if weight else tuned_side(i)
 
     extra: dict[str, Any] = {}
-    weight = 0.0
+    weight, bank = 0.0, None
     if spec.eval.ridge_ensemble and spec.eval.hubness:  # weight, k and beta chosen together on validation
         weight, bank, joint = choose_weight_and_hubness(tuned_side(TRAIN), tuned_side(VAL), ridge_side(TRAIN),
                                                         ridge_side(VAL))
-        hubness["trained"] = {"k": bank.k, "beta": bank.beta}
         extra["ridge_ensemble"] = {"weight": weight, "val_mean_recall": joint}
-        results["trained"] = retrieval_by_lang(bank.correct(trained(TEST, weight)))
-    else:
-        if spec.eval.ridge_ensemble:  # the trained model's scores mixed with the ridge map's, weight on validation
-            weight, tried = choose_weight(trained(VAL), ridge_side(VAL))
-            extra["ridge_ensemble"] = {"weight": weight,
-                                       "val_mean_recall": {f"{w:g}": v["mean_recall"] for w, v in tried.items()}}
-        results["trained"] = scored("trained", lambda i: trained(i, weight))
+    elif spec.eval.ridge_ensemble:  # the trained model's scores mixed with the ridge map's, weight on validation
+        weight, tried = choose_weight(trained(VAL), ridge_side(VAL))
+        extra["ridge_ensemble"] = {"weight": weight,
+                                   "val_mean_recall": {f"{w:g}": v["mean_recall"] for w, v in tried.items()}}
+    results["trained"] = scored("trained", lambda i: trained(i, weight), bank)
 
     table = format_table(results, counts)
     print("\nTest-split retrieval R@1 (%), over all test emoji of each language:\n" + table)

@@ -129,12 +129,9 @@ def _retrieval_with_levers(model: Any, pairs: Any, train_data: str, val_data: st
     if parallel is not None:
         extra.update({f"translation_strength_{lang}": maps.strength[lang] for lang in maps.maps})
     test = embed(pairs, progress=True, **options)
-    if ridge_ensemble and hubness:  # chosen with the ensemble's weight
-        bank = ensemble.hubness
-        extra.update(hubness_k=bank.k, hubness_beta=bank.beta)
-        test = bank.correct(test)
-    elif hubness:
-        bank, _ = choose_hubness(embed(train, progress=True, **options), embed(val, progress=True, **options))
+    if hubness:
+        bank = ensemble.hubness if ridge_ensemble else choose_hubness(  # the ensemble's: chosen with its weight
+            embed(train, progress=True, **options), embed(val, progress=True, **options))[0]
         extra.update(hubness_k=bank.k, hubness_beta=bank.beta)
         test = bank.correct(test)
     if train_data:
