@@ -3,9 +3,13 @@
 Under `torch.autocast(bfloat16)` every Linear and convolution already computes in bf16: autocast casts the
 fp32 weight to bf16 at each call. Storing the *frozen* ones in bf16 gives those layers the same outputs bit for
 bit and halves the memory they hold; a PEFT plan trains a few percent of the weights, so most of the model's
-weights are frozen. The token embedding is the largest frozen tensor of a multilingual text tower
-(multilingual-e5-small: 250k x 384, 366 MiB of its 449 MiB in fp32); a lookup is not autocast, so its bf16 rows
-are returned as fp32 (rounded to bf16's 8 bits of mantissa: the one place where values change).
+weights are frozen.
+
+The token embedding is the largest frozen tensor of a multilingual text tower (multilingual-e5-small: 250k x
+384, 366 MiB of its 449 MiB in fp32), and a step looks up a few hundred of its rows. On CPU it therefore stays
+fp32, as a view of the memory map of the temporary file written on entry (below): only the pages of the rows
+looked up come into memory, and its values do not change. Elsewhere (a GPU) it is stored in `dtype` and its
+rows are returned as fp32, rounded to bf16's 8 bits of mantissa.
 
 Inside the block a swapped layer called without autocast (a validation pass during training) computes with an
 fp32 copy of its bf16 weight, made for that call. On exit the exact fp32 values come back from a temporary
@@ -88,8 +92,9 @@ def _unshare(model: nn.Module, ranges: list[tuple[int, int]]) -> None:
 
 @contextlib.contextmanager
 def frozen_weights_in(model: nn.Module, dtype: torch.dtype = torch.bfloat16, enabled: bool = True) -> Iterator[int]:
-    """Within the block, the frozen fp32 weights of Linear, convolution and embedding layers are stored in `dtype`;
-    yields how many layers were swapped. On exit every one of them is its exact fp32 value again."""
+    """Within the block, the frozen fp32 weights of Linear, convolution and embedding layers are stored in `dtype`
+    (a CPU embedding: left in a file's memory map instead); yields how many layers were swapped. On exit every one
+    of them is its exact fp32 value again."""
     modules = [(name, m) for name, m in model.named_modules() if _swappable(m)] if enabled else []
     if not modules:
         yield 0
@@ -104,14 +109,19 @@ def frozen_weights_in(model: nn.Module, dtype: torch.dtype = torch.bfloat16, ena
         maps = _file_maps({m.weight.untyped_storage().data_ptr() for _, m in modules if m.weight.device.type == "cpu"})
         hooks, patched = [], []  # patched: (layer, the instance forward it had before, if any)
         try:
-            for name, m in modules:
-                if owner[id(m.weight)] == name:
-                    m.weight.data = m.weight.data.to(dtype)
-                if isinstance(m, nn.Embedding):
-                    hooks.append(m.register_forward_hook(_as_float32))
-                else:
-                    patched.append((m, m.__dict__.get("forward")))
-                    m.forward = _full_precision_call(m, m.forward)
+            with safe_open(str(saved), framework="pt") as f:
+                for name, m in modules:
+                    mapped = isinstance(m, nn.Embedding) and m.weight.device.type == "cpu"
+                    if owner[id(m.weight)] == name:
+                        # get_tensor views the file's map: a row's pages come into memory when it is looked up
+                        m.weight.data = f.get_tensor(name) if mapped else m.weight.data.to(dtype)
+                    if mapped:
+                        continue
+                    if isinstance(m, nn.Embedding):
+                        hooks.append(m.register_forward_hook(_as_float32))
+                    else:
+                        patched.append((m, m.__dict__.get("forward")))
+                        m.forward = _full_precision_call(m, m.forward)
             _unshare(model, maps)
             yield len(modules)
         finally:

@@ -41,20 +41,28 @@ def test_frozen_weights_are_bf16_inside_and_exact_fp32_after(make_model, vision:
         image_ref, text_ref = embeddings(model, images, text)
     plain_image, plain_text = embeddings(model, images, text)
     hooks = [len(m._forward_hooks) for m in model.modules()]
+    loaded_maps = _file_maps({p.untyped_storage().data_ptr() for p in model.parameters()})
     with frozen_weights_in(model, torch.bfloat16) as swapped:
         low = {n for n, p in model.named_parameters() if p.dtype == torch.bfloat16}
-        layers = {f"{name}.weight" for name, m in model.named_modules()
+        layers = {f"{name}.weight": m for name, m in model.named_modules()
                   if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)) and not m.weight.requires_grad}
-        assert swapped == len(layers) > 0 and low == layers
+        tables = {n for n, m in layers.items() if isinstance(m, nn.Embedding)}
+        assert swapped == len(layers) > 0 and low == set(layers) - tables and tables
         assert all(p.dtype == torch.float32 for p in trainable.values())  # adapters, norms, heads: untouched
-        if sys.platform.startswith("linux"):  # no tensor keeps the loaded file's memory map (and its fp32 pages)
-            assert not _file_maps({t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]})
+        if sys.platform.startswith("linux"):
+            kept = [*model.parameters(), *model.buffers()]
+            # no tensor keeps the loaded file's memory map (and its fp32 pages) ...
+            assert not set(_file_maps({t.untyped_storage().data_ptr() for t in kept})) & set(loaded_maps)
+            # ... and the embedding tables, fp32, view the saved file's map: pages come in as rows are looked up
+            on_map = {n for n, p in model.named_parameters() if _file_maps({p.untyped_storage().data_ptr()})}
+            assert on_map == tables
+        assert all(layers[n].weight.dtype == torch.float32 for n in tables)
         with torch.autocast("cpu", torch.bfloat16):
             image_low, text_low = embeddings(model, images, text)
-        # Linear and convolutions compute in bf16 under autocast anyway: the image tower gives the same bits
-        # (it has no embedding table); the text tower differs only by its embedding rows' bf16 rounding.
-        assert torch.equal(image_low, image_ref)
-        assert torch.allclose(text_low, text_ref, atol=0.05) and text_low.dtype == text_ref.dtype
+        # Linear and convolutions compute in bf16 under autocast anyway and the embedding tables keep their fp32
+        # values: both towers give the same bits.
+        assert torch.equal(image_low, image_ref) and torch.equal(text_low, text_ref)
+        assert text_low.dtype == text_ref.dtype
         fp32_image, fp32_text = embeddings(model, images, text)  # without autocast (validation during training)
         assert fp32_image.dtype == torch.float32
         assert torch.allclose(fp32_image, plain_image, atol=0.05) and torch.allclose(fp32_text, plain_text, atol=0.05)
