@@ -28,7 +28,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lilt.baselines import fit_ridge, pooled_part, ridge_pairs, ridge_retrieval  # noqa: E402
+from lilt.baselines import fit_ridge, map_choices, pooled_part, ridge_pairs, ridge_retrieval  # noqa: E402
 from lilt.config import DataConfig  # noqa: E402
 from lilt.data.emoji_cldr import load_emoji_cldr  # noqa: E402
 from lilt.data.resolve import resolve_data  # noqa: E402
@@ -69,13 +69,8 @@ class Row:
     ensemble: bool = False  # score with the tuned model's cosine mixed with the ridge map's, weight on validation
     translate: bool = False  # translate captions with maps fitted on data.parallel, chosen on validation
     ridge_features: str = "pooled"  # what the ridge map (a ridge row, the ensemble's side) reads: pooled | stages
-    ridge_kernel: str = "linear"  # that map's kind: linear | rbf (kernel ridge; lilt.baselines.KernelRidgeMap)
+    ridge_kernel: str = "linear"  # that map's kind: linear | rbf | rbf-two-way (lilt.baselines.fit_ridge)
     seeds: tuple[int, ...] = SEEDS
-
-
-def _gamma(ridge: Any) -> dict[str, float]:
-    """A kernel ridge map's chosen width, for the row's JSON (a linear map has none)."""
-    return {"ridge_gamma": ridge.gamma} if hasattr(ridge, "gamma") else {}
 
 
 # -- features of the frozen towers, computed once per process ------------------------------------------------
@@ -205,7 +200,7 @@ class Bench:
             result.update(trainable_percent=0.0, val=retrieval_by_lang(scored(mapped(val_data)))["all"],
                           test=_r1(retrieval_by_lang(scored(mapped(self.test)))),
                           train_split=_r1(retrieval_by_lang(scored(mapped(self.train_sample)))),
-                          conservation=self.frozen_conservation, ridge_alpha=ridge.alpha, **_gamma(ridge))
+                          conservation=self.frozen_conservation, **map_choices(ridge))
             return _finish(result, start)
         torch.manual_seed(seed)
         model = DualEncoder(spec.model)
@@ -279,7 +274,7 @@ class Bench:
                 maps = self.ridge_translation(ridge, spec, result, stages)
                 side = {k: maps.apply(v) for k, v in side.items()}
             levers = result.setdefault("levers", {})
-            levers.update(ridge_alpha=ridge.alpha, **_gamma(ridge))
+            levers.update(**map_choices(ridge))
             if row.hubness:  # the weight and the correction's k and beta chosen together on validation
                 w, bank, joint = choose_weight_and_hubness(tuned["train"], tuned["val"], side["train"], side["val"])
                 levers.update(ensemble_weight=w, hubness_k=bank.k, hubness_beta=bank.beta, joint_val=joint)

@@ -12,6 +12,12 @@ starting point, so tuning starts at the bar instead of below it.
 distinct training images): on unseen emoji it reads the frozen features better than any linear map
 (benchmarks/claims.py's `kridge-*` rows), and `fit_ridge(kernel="rbf")` chooses its alpha and width on
 validation. It scores like the linear map but has no weight matrix, so it cannot initialise the heads.
+
+`TwoWayMap` (`fit_ridge(kernel="rbf-two-way")`) adds the reverse direction: kernel ridge from captions into the
+standardized image features, as Shigeto et al. (2015, "Ridge regression, hubness, and zero-shot learning")
+propose. Regressing into the text space shrinks mapped images toward the targets' mean, so a few captions
+become nearest neighbours of many images (hubs); mapping captions into the image space does not. Retrieval
+mixes the two directions' cosines, the weight chosen on validation.
 """
 
 from __future__ import annotations
@@ -151,8 +157,43 @@ def _rbf(a: torch.Tensor, b: torch.Tensor, gamma: float) -> torch.Tensor:
     return _rbf_of(_squared_distances(a, b), gamma, a.shape[1])
 
 
-TextSpaceMap = Union[RidgeMap, KernelRidgeMap]
-KERNELS = ("linear", "rbf")
+@dataclass
+class TwoWayMap:
+    """Kernel ridge both ways: images into the text space (`forward`), captions into the standardized image
+    features (`reverse`); scores (1 - weight) cos(forward) + weight cos(reverse), as one dot product of the
+    concatenated, weighted unit vectors (so translation maps, CSLS and the ensemble take it like any map)."""
+
+    forward: KernelRidgeMap
+    reverse: KernelRidgeMap  # unit caption features -> image features standardized as the forward map's inputs
+    weight: float
+
+    @property
+    def alpha(self) -> float:
+        """The forward map's ridge penalty."""
+        return self.forward.alpha
+
+    @property
+    def gamma(self) -> float:
+        """The forward map's kernel width."""
+        return self.forward.gamma
+
+    def _mix(self, forward: torch.Tensor, reverse: torch.Tensor) -> torch.Tensor:
+        return torch.cat([(1 - self.weight) ** 0.5 * forward, self.weight ** 0.5 * reverse], dim=-1)
+
+    def embed_images(self, x: torch.Tensor) -> torch.Tensor:
+        """Unit vectors: the mapped image and its own standardized features, weighted."""
+        standardized = (x.double().cpu() - self.forward.x_mean) / self.forward.x_scale
+        return self._mix(self.forward.embed_images(x), F.normalize(standardized.float(), dim=-1))
+
+    def embed_texts(self, y: torch.Tensor) -> torch.Tensor:
+        """Unit vectors: the caption's (centred) features and the caption mapped into the image features, weighted."""
+        mapped = self.reverse(F.normalize(y.float(), dim=-1).cpu())
+        return self._mix(self.forward.embed_texts(y), F.normalize(mapped, dim=-1))
+
+
+TextSpaceMap = Union[RidgeMap, KernelRidgeMap, TwoWayMap]
+KERNELS = ("linear", "rbf", "rbf-two-way")
+REVERSE_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 LINEAR_ALPHAS = (1.0, 10.0, 100.0, 300.0, 1000.0, 3000.0, 1e4)
 RBF_ALPHAS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)  # 3.0: seed 2 of the demo chose 1.0, the first grid's edge
 RBF_GAMMAS = (0.5, 1.0, 2.0, 4.0)
@@ -211,8 +252,9 @@ def fit_ridge(train: EmbeddedPairs, alphas: Sequence[float] | None = None, val: 
               kernel: str = "linear", gammas: Sequence[float] = RBF_GAMMAS) -> TextSpaceMap:
     """Fit image features -> text features on training pairs; choose alpha (and gamma) by validation mean recall.
 
-    `kernel`: 'linear' (RidgeMap) or 'rbf' (KernelRidgeMap, over the distinct training images). Without
-    `val` the middle of each grid is used.
+    `kernel`: 'linear' (RidgeMap), 'rbf' (KernelRidgeMap, over the distinct training images) or 'rbf-two-way'
+    (TwoWayMap: that map and its reverse, captions -> image features; the reverse map's alpha and width, then
+    the mixing weight, chosen on validation). Without `val` the middle of each grid is used.
     """
     if kernel not in KERNELS:
         raise ConfigError(f"ridge kernel={kernel!r} is not one of {list(KERNELS)}.")
@@ -235,7 +277,35 @@ def fit_ridge(train: EmbeddedPairs, alphas: Sequence[float] | None = None, val: 
         sums = torch.zeros(len(train.images), y.shape[1], dtype=torch.float64).index_add_(
             0, train.text_image, y.double())
         maps = KernelRidgeMap.fit_grid(train.images[used], sums[used] / counts[used, None], grid, counts[used])
-    if len(maps) == 1:
+    forward = _best(maps, val)
+    if kernel != "rbf-two-way":
+        return forward
+    assert isinstance(forward, KernelRidgeMap)
+    if len(train.texts) > KERNEL_MAX_IMAGES:
+        raise ConfigError(f"ridge kernel 'rbf-two-way' solves its reverse map over the training captions: "
+                          f"{len(train.texts)} > {KERNEL_MAX_IMAGES}; use the 'rbf' kernel or fewer training pairs.")
+    # The reverse targets: each caption's image, standardized as the forward map standardizes its inputs.
+    targets = ((train.images.double() - forward.x_mean) / forward.x_scale)[train.text_image]
+    reverses = KernelRidgeMap.fit_grid(y.float(), targets, grid)
+    reverse = _best([TwoWayMap(forward, r, 1.0) for r in reverses], val).reverse
+    weights = REVERSE_WEIGHTS if val is not None else (REVERSE_WEIGHTS[len(REVERSE_WEIGHTS) // 2],)
+    return _best([TwoWayMap(forward, reverse, w) for w in weights], val)
+
+
+def map_choices(ridge: TextSpaceMap) -> dict[str, float]:
+    """What validation chose for a map (ridge_alpha, and ridge_gamma / ridge_reverse_* where it has them)."""
+    out = {"ridge_alpha": ridge.alpha}
+    if isinstance(ridge, (KernelRidgeMap, TwoWayMap)):
+        out["ridge_gamma"] = ridge.gamma
+    if isinstance(ridge, TwoWayMap):
+        out.update(ridge_reverse_alpha=ridge.reverse.alpha, ridge_reverse_gamma=ridge.reverse.gamma,
+                   ridge_reverse_weight=ridge.weight)
+    return out
+
+
+def _best(maps: Sequence[Any], val: EmbeddedPairs | None) -> Any:
+    """The map with the highest validation mean recall (the last on a tie; the only one without a choice)."""
+    if len(maps) == 1 or val is None:
         return maps[0]
     scored = [(ridge_retrieval(m, val)["all"]["mean_recall"], i) for i, m in enumerate(maps)]
     return maps[max(scored)[1]]

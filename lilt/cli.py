@@ -355,8 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "towers' features of --train-data (see README, Evaluation)")
     ev.add_argument("--ridge-features", default="pooled", choices=["pooled", "stages"], help="--ridge-ensemble: "
                     "what its ridge map reads of each image (stages: pooled plus each vision block's pooled output)")
-    ev.add_argument("--ridge-kernel", default="linear", choices=["linear", "rbf"], help="--ridge-ensemble: its "
-                    "ridge map's kind (rbf: kernel ridge regression, alpha and width chosen on --val-data)")
+    ev.add_argument("--ridge-kernel", default="linear", choices=["linear", "rbf", "rbf-two-way"],
+                    help="--ridge-ensemble: its ridge map's kind (rbf: kernel ridge regression, alpha and width chosen "
+                    "on --val-data; rbf-two-way: plus the reverse map, captions -> image features, mixed)")
     ev.add_argument("--parallel", help="retrieval with captions translated by maps fitted on this parallel text "
                     "(builtin:emoji-cldr or a source/target/lang table), strength chosen on --val-data")
     ev.add_argument("--parallel-langs", nargs="+", help="--parallel: its target languages (needed for "

@@ -11,7 +11,8 @@ against a bank of its own training embeddings at the k and beta its validation s
 `eval.ridge_ensemble`, the trained model's scores are mixed with the ridge map's (lilt.eval.ensemble; with
 `eval.hubness` too, the weight and the correction's k and beta are chosen together);
 `eval.ridge_features: stages` has the ridge map (baseline and ensemble side) read multi-scale image features, and
-`eval.ridge_kernel: rbf` makes it kernel ridge regression (lilt.baselines.KernelRidgeMap). With
+`eval.ridge_kernel: rbf` makes it kernel ridge regression (lilt.baselines.KernelRidgeMap), `rbf-two-way` that
+map plus its reverse, captions into the image features, the two cosines mixed (lilt.baselines.TwoWayMap). With
 `eval.translate`, each model's captions in data.parallel's languages are moved by translation maps fitted
 on that parallel text in the model's own space (lilt.eval.translate), strength chosen on validation.
 """
@@ -27,7 +28,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .baselines import fit_ridge, pair_features, pooled_part, ridge_pairs
+from .baselines import fit_ridge, map_choices, pair_features, pooled_part, ridge_pairs
 from ._io import write_json, write_text
 from .config import DataConfig
 from .data.parallel import parallel_of
@@ -126,7 +127,8 @@ def run_demo(out_dir: Path, recipe: str | Path = "demo", overrides: Sequence[str
     ridge = fit_ridge(read[TRAIN], val=read[VAL], kernel=kernel)
     ridge_side = translated("ridge", lambda i: ridge_pairs(ridge, read[i]), ridge.embed_texts)
     results["ridge"] = scored("ridge", ridge_side)
-    fitted = f"alpha {ridge.alpha:g}" + (f", rbf kernel gamma {ridge.gamma:g}" if kernel == "rbf" else "")
+    fitted = ", ".join(f"{k.removeprefix('ridge_').replace('_', ' ')} {v:g}" for k, v in map_choices(ridge).items())
+    fitted += f", {kernel} kernel" if kernel != "linear" else ""
     print(f"    ridge map fitted ({fitted}{', multi-scale image features' if stages else ''}) in "
           f"{time.perf_counter() - start:.0f} s\n")
 

@@ -118,9 +118,11 @@ class EvalConfig(ConfigBase):
     ridge_features: Literal["pooled", "stages"] = knob(
         "pooled", "what the ridge map (baseline and ensemble side) reads of each image: 'pooled' features, or "
         "'stages' (pooled plus each vision block's pooled output)")
-    ridge_kernel: Literal["linear", "rbf"] = knob(
-        "linear", "the ridge map's kind (baseline and ensemble side): 'linear', or 'rbf' kernel ridge over the "
-        "distinct training images (alpha and width chosen on validation; lilt.baselines.KernelRidgeMap)")
+    ridge_kernel: Literal["linear", "rbf", "rbf-two-way"] = knob(
+        "linear", "the ridge map's kind (baseline and ensemble side): 'linear', 'rbf' kernel ridge over the "
+        "distinct training images (alpha and width chosen on validation; lilt.baselines.KernelRidgeMap), or "
+        "'rbf-two-way': that map plus kernel ridge from captions into the image features, the two cosines mixed "
+        "(lilt.baselines.TwoWayMap, Shigeto et al. 2015; every choice on validation)")
 
     def validate(self) -> None:
         if self.langs is not None and (not self.langs or not all(self.langs)):

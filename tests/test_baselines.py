@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import lilt
-from lilt.baselines import KernelRidgeMap, RidgeMap, fit_ridge, heads_from_ridge, ridge_retrieval
+from lilt.baselines import (REVERSE_WEIGHTS, KernelRidgeMap, RidgeMap, TwoWayMap, fit_ridge, heads_from_ridge,
+                            map_choices, ridge_retrieval)
 from lilt.eval.retrieval import EmbeddedPairs, retrieval_by_lang
 
 
@@ -92,8 +93,50 @@ def test_a_kernel_ridge_too_large_or_unknown_is_a_one_line_error(monkeypatch) ->
     monkeypatch.setattr(lilt.baselines, "KERNEL_MAX_IMAGES", 30)
     with pytest.raises(lilt.ConfigError, match="distinct training images: 40 > 30; use the 'linear' kernel"):
         fit_ridge(train, kernel="rbf")
-    with pytest.raises(lilt.ConfigError, match=r"kernel='poly' is not one of \['linear', 'rbf'\]"):
+    with pytest.raises(lilt.ConfigError, match=r"kernel='poly' is not one of \['linear', 'rbf', 'rbf-two-way'\]"):
         fit_ridge(train, kernel="poly")
+    pairs = _pairs(20, 4, torch.randn(8, 5, generator=torch.Generator().manual_seed(3)))  # 20 images, 40 captions
+    with pytest.raises(lilt.ConfigError, match="reverse map over the training captions: 40 > 30; use the 'rbf' kernel"):
+        fit_ridge(pairs, kernel="rbf-two-way")
+
+
+def test_the_kernel_names_agree_in_the_library_the_recipe_and_the_cli() -> None:
+    from typing import get_args, get_type_hints
+
+    from lilt.cli import build_parser
+    from lilt.recipe import EvalConfig
+
+    assert get_args(get_type_hints(EvalConfig)["ridge_kernel"]) == lilt.baselines.KERNELS
+    evaluate = next(a for a in build_parser()._subparsers._group_actions[0].choices["eval"]._actions
+                    if a.dest == "ridge_kernel")
+    assert tuple(evaluate.choices) == lilt.baselines.KERNELS
+
+
+def test_two_way_map_mixes_the_forward_and_reverse_cosines_weighted_on_validation() -> None:
+    train, val, test = _nonlinear_pairs(300, 1), _nonlinear_pairs(100, 2), _nonlinear_pairs(120, 3)
+    forward, two_way = fit_ridge(train, val=val, kernel="rbf"), fit_ridge(train, val=val, kernel="rbf-two-way")
+    assert isinstance(two_way, TwoWayMap) and (two_way.alpha, two_way.gamma) == (forward.alpha, forward.gamma)
+    standardized = F.normalize(((test.images.double() - forward.x_mean) / forward.x_scale).float(), dim=-1)
+    reverse = standardized @ F.normalize(two_way.reverse(F.normalize(test.texts, dim=-1)), dim=-1).t()
+    plain = forward.embed_images(test.images) @ forward.embed_texts(test.texts).t()
+    for w in (0.0, 0.3, 1.0):  # one dot product of the concatenated vectors: (1 - w) forward + w reverse
+        m = dataclasses.replace(two_way, weight=w)
+        torch.testing.assert_close(m.embed_images(test.images) @ m.embed_texts(test.texts).t(),
+                                   (1 - w) * plain + w * reverse, atol=1e-5, rtol=1e-5)
+    scores = {w: ridge_retrieval(dataclasses.replace(two_way, weight=w), val)["all"]["mean_recall"]
+              for w in REVERSE_WEIGHTS}
+    assert scores[two_way.weight] == max(scores.values())
+    # where captions determine their image (here a linear image of it), the reverse map alone finds it
+    weight = torch.randn(8, 16, generator=torch.Generator().manual_seed(3))
+    train, val, test = (_pairs(n, seed, weight) for n, seed in ((200, 4), (60, 5), (80, 6)))
+    alone = dataclasses.replace(fit_ridge(train, val=val, kernel="rbf-two-way"), weight=1.0)
+    assert ridge_retrieval(alone, test)["all"]["t2i/R@1"] > 90  # 80 images: chance is 1.25%
+    assert map_choices(two_way) == {"ridge_alpha": forward.alpha, "ridge_gamma": forward.gamma,
+                                    "ridge_reverse_alpha": two_way.reverse.alpha,
+                                    "ridge_reverse_gamma": two_way.reverse.gamma,
+                                    "ridge_reverse_weight": two_way.weight}
+    assert set(map_choices(forward)) == {"ridge_alpha", "ridge_gamma"}
+    assert set(map_choices(fit_ridge(train))) == {"ridge_alpha"}
 
 
 def test_heads_from_ridge_refuses_a_kernel_map(make_model) -> None:

@@ -59,7 +59,8 @@ def test_demo_end_to_end_on_a_small_slice(tmp_path: Path, capsys: pytest.Capture
     assert ("ridge_ensemble" in results) == levers and ("mixed with the ridge map" in out) == levers
     assert ("translation" in results) == levers
     assert "multi-scale image features" in out  # the recipe's eval.ridge_features: stages
-    assert "rbf kernel gamma" in out  # and eval.ridge_kernel: rbf
+    # and eval.ridge_kernel: rbf-two-way, its reverse map's choices printed
+    assert "rbf-two-way kernel" in out and "reverse weight" in out
     if levers:
         assert set(results["hubness"]) == set(MODELS)
         assert all(h["k"] in (5, 10, 20, 50) and h["beta"] in (0.0, 0.25, 0.5, 0.75, 1.0)

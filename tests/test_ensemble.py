@@ -142,6 +142,10 @@ def test_a_kernel_ridge_ensemble_scores_with_its_kernel_map(make_model):
     assert ensemble.evaluate(test)["en"] == lilt.baselines.ridge_retrieval(ensemble.ridge, feats)["en"]
     with pytest.raises(ConfigError, match="kernel='poly' is not one of"):
         fit_ridge_ensemble(model, train, val, kernel="poly")
+    two_way, _ = fit_ridge_ensemble(model, train, val, stages=True, kernel="rbf-two-way")
+    assert isinstance(two_way.ridge, lilt.baselines.TwoWayMap)
+    two_way.weight = 1.0  # the ridge side alone scores as the two-way map does
+    assert two_way.evaluate(test)["en"] == lilt.baselines.ridge_retrieval(two_way.ridge, feats)["en"]
 
 
 def test_fit_ridge_ensemble_with_hubness_chooses_the_bank_with_the_weight(make_model):

@@ -36,9 +36,11 @@ def run_eval(model: Any, data: str, out: str | Path, *, task: Task = "retrieval"
     (retrieval): captions in `parallel_langs` translated by maps fitted on that parallel text, strength chosen
     on `val_data` (lilt.eval.translate); with the ensemble, on both of its sides. `ridge_features`: 'stages'
     has the ensemble's ridge map read multi-scale image features (lilt.baselines.pair_features);
-    `ridge_kernel`: 'rbf' makes that map kernel ridge regression (lilt.baselines.KernelRidgeMap).
+    `ridge_kernel`: 'rbf' makes that map kernel ridge regression (lilt.baselines.KernelRidgeMap), 'rbf-two-way'
+    adds its reverse, captions -> image features (lilt.baselines.TwoWayMap).
     """
     import lilt
+    from ..baselines import KERNELS
     from ..data import load_labelled, load_pairs
     from .report import report_rows, write_report
 
@@ -50,9 +52,9 @@ def run_eval(model: Any, data: str, out: str | Path, *, task: Task = "retrieval"
     if ridge_features not in ("pooled", "stages") or (ridge_features == "stages" and not ridge_ensemble):
         raise ConfigError(f"--ridge-features {ridge_features}: choose pooled or stages; stages goes with "
                           "--ridge-ensemble (it is what the ensemble's ridge map reads).")
-    if ridge_kernel not in ("linear", "rbf") or (ridge_kernel == "rbf" and not ridge_ensemble):
-        raise ConfigError(f"--ridge-kernel {ridge_kernel}: choose linear or rbf; rbf goes with --ridge-ensemble "
-                          "(it is the ensemble's ridge map).")
+    if ridge_kernel not in KERNELS or (ridge_kernel != "linear" and not ridge_ensemble):
+        raise ConfigError(f"--ridge-kernel {ridge_kernel}: choose one of {', '.join(KERNELS)}; all but linear go "
+                          "with --ridge-ensemble (it is the ensemble's ridge map).")
     levers = [flag for flag, on in (("--hubness", hubness), ("--ridge-ensemble", ridge_ensemble)) if on]
     if parallel and (task != "retrieval" or not val_data):
         raise ConfigError(f"--parallel {parallel} (task {task}, --val-data {val_data}) translates retrieval captions: "
@@ -103,6 +105,7 @@ def _retrieval_with_levers(model: Any, pairs: Any, train_data: str, val_data: st
                            options: dict[str, Any], parallel: Any = None,
                            stages: bool = False, kernel: str = "linear") -> tuple[dict[str, Any], dict[str, Any]]:
     """Retrieval with translation maps, the ridge ensemble and/or the hubness correction, chosen on `val_data`."""
+    from ..baselines import map_choices
     from ..data import load_pairs
     from .ensemble import fit_ridge_ensemble
     from .hubness import choose_hubness
@@ -116,10 +119,8 @@ def _retrieval_with_levers(model: Any, pairs: Any, train_data: str, val_data: st
     if ridge_ensemble:
         ensemble, _ = fit_ridge_ensemble(model, train, val, progress=True, parallel=parallel, stages=stages,
                                          kernel=kernel, hubness=hubness, **options)
-        extra.update(ridge_ensemble_weight=ensemble.weight, ridge_alpha=ensemble.ridge.alpha,
-                     ridge_features="stages" if stages else "pooled", ridge_kernel=kernel)
-        if kernel == "rbf":
-            extra["ridge_gamma"] = ensemble.ridge.gamma
+        extra.update(ridge_ensemble_weight=ensemble.weight, ridge_features="stages" if stages else "pooled",
+                     ridge_kernel=kernel, **map_choices(ensemble.ridge))
         embed = ensemble.embed_pairs
         maps = ensemble.translation
     elif parallel is not None:
