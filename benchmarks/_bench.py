@@ -70,6 +70,7 @@ class Row:
     translate: bool = False  # translate captions with maps fitted on data.parallel, chosen on validation
     ridge_features: str = "pooled"  # what the ridge map (a ridge row, the ensemble's side) reads: pooled | stages
     ridge_kernel: str = "linear"  # that map's kind: linear | rbf | rbf-two-way (lilt.baselines.fit_ridge)
+    ridge_towers: str = "frozen"  # the ensemble's map reads the frozen towers, or the tuned model's ('tuned')
     seeds: tuple[int, ...] = SEEDS
 
 
@@ -266,12 +267,13 @@ class Bench:
         final, bank = tuned, None
         if row.ensemble:
             stages = row.ridge_features == "stages"
-            frozen = {name: self.frozen.of(d, stages) for name, d in (("train", train_data), ("val", val_data),
-                                                                      ("test", self.test))}
+            towers = self.frozen if row.ridge_towers == "frozen" else FrozenFeatures(model)
+            frozen = {name: towers.of(d, stages) for name, d in (("train", train_data), ("val", val_data),
+                                                                 ("test", self.test))}
             ridge = fit_ridge(frozen["train"], val=frozen["val"], kernel=row.ridge_kernel)
             side = {k: ridge_pairs(ridge, frozen[k]) for k in tuned}
             if row.translate:
-                maps = self.ridge_translation(ridge, spec, result, stages)
+                maps = self.ridge_translation(ridge, spec, result, stages, towers)
                 side = {k: maps.apply(v) for k, v in side.items()}
             levers = result.setdefault("levers", {})
             levers.update(**map_choices(ridge))
@@ -291,13 +293,16 @@ class Bench:
         result["val"] = retrieval_by_lang(final["val"])["all"]
         result["test"] = _r1(retrieval_by_lang(final["test"]))
 
-    def ridge_translation(self, ridge: Any, spec: Recipe, result: dict[str, Any], stages: bool = False
-                          ) -> TranslationMaps:
-        """Translation maps of data.parallel in the ridge map's text space, chosen on validation (noted in result)."""
-        embedded = embed_parallel(self.frozen.model, parallel_of(spec.data, spec.train.seed), features=True,
+    def ridge_translation(self, ridge: Any, spec: Recipe, result: dict[str, Any], stages: bool = False,
+                          towers: FrozenFeatures | None = None) -> TranslationMaps:
+        """Translation maps of data.parallel in the ridge map's text space, chosen on validation (noted in result).
+
+        `towers`: the features the map reads (default: the frozen towers')."""
+        towers = towers or self.frozen
+        embedded = embed_parallel(towers.model, parallel_of(spec.data, spec.train.seed), features=True,
                                   transform=ridge.embed_texts)
         choice = self.val_in(spec.data.parallel_targets())
-        maps, tried = choose_translation(*embedded, ridge_pairs(ridge, self.frozen.of(choice, stages)))
+        maps, tried = choose_translation(*embedded, ridge_pairs(ridge, towers.of(choice, stages)))
         self.note_translation(maps, tried, result, "ridge_translation")
         return maps
 

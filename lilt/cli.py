@@ -97,6 +97,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                            split=args.split, columns=_columns(args), hubness=args.hubness,
                            ridge_ensemble=args.ridge_ensemble, val_data=args.val_data, parallel=args.parallel,
                            ridge_features=args.ridge_features, ridge_kernel=args.ridge_kernel,
+                           ridge_towers=args.ridge_towers,
                            parallel_langs=args.parallel_langs)
     print(markdown_table(rows))
     print("\n" + "\n".join(f"{kind}: {path}" for kind, path in paths.items()))
@@ -358,6 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--ridge-kernel", default="linear", choices=["linear", "rbf", "rbf-two-way"],
                     help="--ridge-ensemble: its ridge map's kind (rbf: kernel ridge regression, alpha and width chosen "
                     "on --val-data; rbf-two-way: plus the reverse map, captions -> image features, mixed)")
+    ev.add_argument("--ridge-towers", default="frozen", choices=["frozen", "tuned"], help="--ridge-ensemble: the "
+                    "towers its ridge map reads (tuned: the model's own, instead of the pretrained backbones)")
     ev.add_argument("--parallel", help="retrieval with captions translated by maps fitted on this parallel text "
                     "(builtin:emoji-cldr or a source/target/lang table), strength chosen on --val-data")
     ev.add_argument("--parallel-langs", nargs="+", help="--parallel: its target languages (needed for "

@@ -89,17 +89,20 @@ def run_demo(out_dir: Path, recipe: str | Path = "demo", overrides: Sequence[str
         if parallel is not None else None
 
     def translated(name: str, embed: Callable[[int], EmbeddedPairs],
-                   space: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Callable[[int], EmbeddedPairs]:
+                   space: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                   features: tuple[torch.Tensor, torch.Tensor, list[str]] | None = None
+                   ) -> Callable[[int], EmbeddedPairs]:
         """`embed` with captions moved by translation maps chosen on embed(VAL) (eval.translate); else `embed`.
 
-        The parallel text is embedded like the captions: by the model itself, or (`space`) from the frozen
-        text tower's features mapped the way that model maps caption features."""
+        The parallel text is embedded like the captions: by the model itself, or (`space`) from text-tower
+        features (`features`; default the frozen tower's) mapped the way that model maps caption features."""
         if parallel is None:
             return embed
         if space is None:
             source, target, langs = embed_parallel(model, parallel, batch_size=train_config.eval_batch_size)
         else:
-            source, target, langs = space(frozen_parallel[0]), space(frozen_parallel[1]), frozen_parallel[2]
+            source, target, langs = features or frozen_parallel
+            source, target = space(source), space(target)
         maps, _ = choose_translation(source, target, langs, embed(VAL))
         translation[name] = {lang: {"alpha": m.alpha, "strength": maps.strength[lang]} for lang, m in maps.maps.items()}
         return lambda i: maps.apply(embed(i))
@@ -142,6 +145,7 @@ def run_demo(out_dir: Path, recipe: str | Path = "demo", overrides: Sequence[str
     run = train(model, train_data, train_config, data_config=data_config, val_data=val_data)
     print(f"    {run.samples_per_second:.1f} samples/s\n\n3/3 evaluating the trained model ...", flush=True)
     tuned: dict[int, EmbeddedPairs] = {}
+    extra: dict[str, Any] = {}
 
     def embed_tuned(i: int) -> EmbeddedPairs:
         if i not in tuned:
@@ -149,18 +153,26 @@ def run_demo(out_dir: Path, recipe: str | Path = "demo", overrides: Sequence[str
         return tuned[i]
 
     tuned_side = translated("trained", embed_tuned)
+    map_side = ridge_side  # the ensemble's ridge side: the baseline's map, or one refitted on the trained towers
+    if spec.eval.ridge_ensemble and spec.eval.ridge_towers == "tuned":
+        tuned_read = [pair_features(model, data, stages=stages, **workers) for data in tables]
+        tuned_ridge = fit_ridge(tuned_read[TRAIN], val=tuned_read[VAL], kernel=kernel)
+        tuned_parallel = embed_parallel(model, parallel, features=True, batch_size=train_config.eval_batch_size) \
+            if parallel is not None else None
+        map_side = translated("trained towers' map", lambda i: ridge_pairs(tuned_ridge, tuned_read[i]),
+                              tuned_ridge.embed_texts, tuned_parallel)
+        extra["ridge_tuned_towers"] = map_choices(tuned_ridge)
 
     def trained(i: int, weight: float = 0.0) -> EmbeddedPairs:
-        return mix_pairs(tuned_side(i), ridge_side(i), weight) if weight else tuned_side(i)
+        return mix_pairs(tuned_side(i), map_side(i), weight) if weight else tuned_side(i)
 
-    extra: dict[str, Any] = {}
     weight, bank = 0.0, None
     if spec.eval.ridge_ensemble and spec.eval.hubness:  # weight, k and beta chosen together on validation
-        weight, bank, joint = choose_weight_and_hubness(tuned_side(TRAIN), tuned_side(VAL), ridge_side(TRAIN),
-                                                        ridge_side(VAL))
+        weight, bank, joint = choose_weight_and_hubness(tuned_side(TRAIN), tuned_side(VAL), map_side(TRAIN),
+                                                        map_side(VAL))
         extra["ridge_ensemble"] = {"weight": weight, "val_mean_recall": joint}
     elif spec.eval.ridge_ensemble:  # the trained model's scores mixed with the ridge map's, weight on validation
-        weight, tried = choose_weight(trained(VAL), ridge_side(VAL))
+        weight, tried = choose_weight(trained(VAL), map_side(VAL))
         extra["ridge_ensemble"] = {"weight": weight,
                                    "val_mean_recall": {f"{w:g}": v["mean_recall"] for w, v in tried.items()}}
     results["trained"] = scored("trained", lambda i: trained(i, weight), bank)
@@ -177,8 +189,12 @@ def run_demo(out_dir: Path, recipe: str | Path = "demo", overrides: Sequence[str
             again += " --ridge-features stages"
         if kernel != "linear":
             again += f" --ridge-kernel {kernel}"
-        print(f"trained = the tuned model's scores mixed with the ridge map's (eval.ridge_ensemble), weight {weight:g} "
-              f"chosen on validation{' with the hubness correction' if spec.eval.hubness else ''}. The saved model "
+        if spec.eval.ridge_towers == "tuned":
+            again += " --ridge-towers tuned"
+        on = " refitted on the trained towers' features" if spec.eval.ridge_towers == "tuned" else ""
+        print(f"trained = the tuned model's scores mixed with the ridge map's{on} (eval.ridge_ensemble), weight "
+              f"{weight:g} chosen on validation{' with the hubness correction' if spec.eval.hubness else ''}. The "
+              f"saved model "
               f"is the tuned one; `lilt eval {again} --val-data builtin:emoji-cldr:validation` mixes it again.")
     if translation:
         extra["translation"] = translation

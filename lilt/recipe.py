@@ -123,10 +123,16 @@ class EvalConfig(ConfigBase):
         "distinct training images (alpha and width chosen on validation; lilt.baselines.KernelRidgeMap), or "
         "'rbf-two-way': that map plus kernel ridge from captions into the image features, the two cosines mixed "
         "(lilt.baselines.TwoWayMap, Shigeto et al. 2015; every choice on validation)")
+    ridge_towers: Literal["frozen", "tuned"] = knob(
+        "frozen", "which towers the ensemble's ridge map reads: 'frozen' (the pretrained backbones, as the ridge "
+        "baseline) or 'tuned' (the trained model's own towers, the map fitted after training)")
 
     def validate(self) -> None:
         if self.langs is not None and (not self.langs or not all(self.langs)):
             raise ConfigError(f"EvalConfig.langs={self.langs!r} must be a non-empty list of language codes.")
+        if self.ridge_towers == "tuned" and not self.ridge_ensemble:
+            raise ConfigError("eval.ridge_towers=tuned is the ensemble's ridge map (the baseline's stays on the frozen "
+                              "towers): set eval.ridge_ensemble: true as well, or leave ridge_towers frozen.")
 
 
 @dataclass

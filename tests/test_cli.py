@@ -125,10 +125,15 @@ def test_eval_with_the_scoring_levers_names_their_choices(make_model, tmp_path: 
     assert main([*base, "--ridge-ensemble", "--ridge-kernel", "rbf-two-way", *bank, "--out", str(tmp_path / "t")]) == 0
     rows = json.loads((tmp_path / "t" / "eval.json").read_text())
     assert rows[0]["ridge_kernel"] == "rbf-two-way" and rows[0]["ridge_reverse_weight"] in (0.0, 0.25, 0.5, 0.75, 1.0)
+    assert rows[0]["ridge_towers"] == "frozen"
+    assert main([*base, "--ridge-ensemble", "--ridge-towers", "tuned", *bank, "--out", str(tmp_path / "u")]) == 0
+    assert json.loads((tmp_path / "u" / "eval.json").read_text())[0]["ridge_towers"] == "tuned"
     capsys.readouterr()
     assert main([*base, "--ridge-kernel", "rbf", *bank]) == 2
     assert "--ridge-kernel rbf: choose one of linear, rbf, rbf-two-way; all but linear go with --ridge-ensemble" \
         in capsys.readouterr().err
+    assert main([*base, "--ridge-towers", "tuned", *bank]) == 2
+    assert "--ridge-towers tuned: choose frozen or tuned; tuned goes with --ridge-ensemble" in capsys.readouterr().err
     assert main([*base, "--ridge-features", "stages", *bank]) == 2
     assert "--ridge-features stages: choose pooled or stages; stages goes with --ridge-ensemble" in \
         capsys.readouterr().err

@@ -47,6 +47,7 @@ def test_demo_end_to_end_on_a_small_slice(tmp_path: Path, capsys: pytest.Capture
              "train.eval_every=2", "train.save_every=4", "train.head_warmup_epochs=2", "train.report_to=[]",
              "eval.langs=[en,sw,yo]", f"eval.hubness={str(levers).lower()}",
              f"eval.ridge_ensemble={str(levers).lower()}", f"eval.translate={str(levers).lower()}",
+             f"eval.ridge_towers={'tuned' if levers else 'frozen'}",  # the ensemble's map on the trained towers
              *(["data.parallel=builtin:emoji-cldr", "data.parallel_langs=[sw]", "data.parallel_per_lang=200"]
                if levers else [])]
     assert run_demo(tmp_path, "recipes/demo.yaml", small) == 0
@@ -66,7 +67,10 @@ def test_demo_end_to_end_on_a_small_slice(tmp_path: Path, capsys: pytest.Capture
         assert all(h["k"] in (5, 10, 20, 50) and h["beta"] in (0.0, 0.25, 0.5, 0.75, 1.0)
                    for h in results["hubness"].values())
         # every model's own maps, in its own space; sw only (the parallel text's language)
-        assert set(results["translation"]) == set(MODELS) and "maps fitted on the parallel text" in out
+        # (and the ensemble's map refitted on the trained towers: its own maps too)
+        assert set(results["translation"]) == {*MODELS, "trained towers' map"}
+        assert "maps fitted on the parallel text" in out and "refitted on the trained towers' features" in out
+        assert results["ridge_tuned_towers"]["ridge_reverse_weight"] in (0.0, 0.25, 0.5, 0.75, 1.0)
         assert all(set(t) == {"sw"} and t["sw"]["strength"] in (0.0, 0.5, 0.75, 1.0) and t["sw"]["alpha"] > 0
                    for t in results["translation"].values())
         tried = results["ridge_ensemble"]["val_mean_recall"]

@@ -148,6 +148,28 @@ def test_a_kernel_ridge_ensemble_scores_with_its_kernel_map(make_model):
     assert two_way.evaluate(test)["en"] == lilt.baselines.ridge_retrieval(two_way.ridge, feats)["en"]
 
 
+def test_a_ridge_map_on_the_tuned_towers_reads_the_models_own_features(make_model):
+    model = make_model("cnn")
+    with torch.no_grad():  # "tuning": the towers' features move away from the pretrained ones
+        for p in [*model.vision.parameters(), *model.text.parameters()]:
+            p.mul_(1.25)
+    train = lilt.load_pairs("builtin:tiny-random:train")
+    val, test = lilt.load_pairs("builtin:tiny-random:validation"), lilt.load_pairs("builtin:tiny-random:test")
+    tuned, _ = fit_ridge_ensemble(model, train, val, stages=True, kernel="rbf", towers="tuned")
+    assert tuned.frozen is model  # no frozen copy: the map reads the model's own towers
+    frozen, _ = fit_ridge_ensemble(model, train, val, stages=True, kernel="rbf")
+    own = lilt.eval.embed_pairs(model, test, features="stages")
+    pretrained = lilt.eval.embed_pairs(frozen.frozen, test, features="stages")
+    assert not torch.allclose(own.images, pretrained.images)  # the two kinds of towers read differently
+    assert not torch.equal(tuned.ridge.support, frozen.ridge.support)  # and the maps were fitted on what each reads
+    tuned.weight = 1.0
+    assert tuned.evaluate(test)["en"] == lilt.baselines.ridge_retrieval(tuned.ridge, own)["en"]
+    with pytest.raises(ConfigError, match="towers='pretrained' .*choose one of \\['frozen', 'tuned'\\]"):
+        fit_ridge_ensemble(model, train, val, towers="pretrained")
+    with pytest.raises(ConfigError, match="pass no frozen model with it"):
+        fit_ridge_ensemble(model, train, val, towers="tuned", frozen=frozen.frozen)
+
+
 def test_fit_ridge_ensemble_with_hubness_chooses_the_bank_with_the_weight(make_model):
     model = make_model("vit")
     train = lilt.load_pairs("builtin:tiny-random:train")

@@ -37,6 +37,8 @@ def test_every_shipped_recipe_parses(path: Path) -> None:
     ("- a list\n", r"expected a mapping at the top level"),
     ("eval: {ridge_features: stage}\n", r"eval.ridge_features: 'stage' is not one of \['pooled', 'stages'\]"),
     ("eval: {ridge_kernel: RBF}\n", r"eval.ridge_kernel: 'RBF' is not one of \['linear', 'rbf', 'rbf-two-way'\]"),
+    ("eval: {ridge_towers: tuned}\n", r"eval.ridge_towers=tuned is the ensemble's ridge map .* set "
+     r"eval.ridge_ensemble: true"),
 ])
 def test_a_bad_recipe_names_the_key_and_the_fix(tmp_path: Path, text: str, message: str) -> None:
     path = tmp_path / "recipe.yaml"

@@ -13,7 +13,10 @@ on validation (`choose_weight_and_hubness`): a weight chosen first, on uncorrect
 once the correction acts on the mix (measured on builtin:emoji-cldr, seed 2 of the demo recipe: validation 49.0
 with the weight first, against the training-free row's 49.1).
 The ridge side may read multi-scale image features (`stages`) and be kernel ridge regression (`kernel='rbf'`,
-lilt.baselines.KernelRidgeMap); the demo recipe uses both.
+lilt.baselines.KernelRidgeMap, or 'rbf-two-way'); the demo recipe uses both. With `towers='tuned'` the map
+is fitted on the tuned model's own towers' features instead of the frozen ones, after training: tuning then
+serves the map as well as the mixed scores (measured on builtin:emoji-cldr: benchmarks/claims.py's
+`lwa+translate+kridge-2way-tuned-ensemble+hubness` against its frozen-towers twin).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from .translate import TranslationMaps, choose_translation, embed_parallel
 
 # 1.0 (the ridge map alone) included: with the map on multi-scale features it can be the better side.
 DEFAULT_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
+TOWERS = ("frozen", "tuned")  # which towers' features the ridge map reads
 
 
 def mix_pairs(tuned: EmbeddedPairs, mapped: EmbeddedPairs, weight: float) -> EmbeddedPairs:
@@ -90,10 +94,10 @@ def choose_weight_and_hubness(tuned_train: EmbeddedPairs, tuned_val: EmbeddedPai
 
 @dataclass
 class RidgeEnsemble:
-    """A tuned DualEncoder, the same towers frozen, and a ridge map between the frozen features: one retriever."""
+    """A tuned DualEncoder, the towers its ridge map reads, and that map: one retriever."""
 
     model: Any
-    frozen: Any
+    frozen: Any  # the towers the ridge map reads: the untuned ones, or `model` itself (towers='tuned')
     ridge: TextSpaceMap  # RidgeMap or KernelRidgeMap
     weight: float
     translation: TranslationMaps | None = None  # the tuned side's caption maps (lilt.eval.translate)
@@ -121,19 +125,25 @@ class RidgeEnsemble:
 
 def fit_ridge_ensemble(model: Any, train_data: datasets.Dataset, val_data: datasets.Dataset, *, frozen: Any = None,
                        weights: Sequence[float] = DEFAULT_WEIGHTS, parallel: datasets.Dataset | None = None,
-                       stages: bool = False, kernel: str = "linear", hubness: bool = False,
+                       stages: bool = False, kernel: str = "linear", hubness: bool = False, towers: str = "frozen",
                        **options: Any) -> tuple[RidgeEnsemble, dict[Any, float]]:
     """Fit the ridge map on the frozen towers' features of `train_data`; choose the weight on `val_data`.
 
     `frozen`: a DualEncoder of the untuned towers (default: built afresh from `model.config`, i.e. the
-    pretrained backbones). `parallel`: a parallel table (lilt.data.parallel.load_parallel) for translation
+    pretrained backbones). `towers`: 'tuned' fits the map on `model`'s own towers' features instead (no
+    frozen copy is built). `parallel`: a parallel table (lilt.data.parallel.load_parallel) for translation
     maps on both sides, chosen on `val_data` before the weight. `stages`: the ridge map reads the images'
     multi-scale features (lilt.baselines.pair_features). `kernel`: the ridge map's, 'linear' or 'rbf'
     (lilt.baselines.fit_ridge). `hubness`: choose the weight together with a CSLS bank of the mixed training
     pairs (choose_weight_and_hubness; the bank is the ensemble's `hubness`). Returns the ensemble and each
     weight's (with `hubness`, each "w=.. k=.. beta=.." point's) validation mean recall.
     """
-    if frozen is None:
+    if towers not in TOWERS or (towers == "tuned" and frozen is not None):
+        raise ConfigError(f"towers={towers!r} (frozen given: {frozen is not None}): choose one of {list(TOWERS)}; "
+                          "'tuned' reads the model's own towers, so pass no frozen model with it.")
+    if towers == "tuned":
+        frozen = model
+    elif frozen is None:
         from ..model import DualEncoder
         frozen = DualEncoder(model.config).to(model.device).eval()
     train_features, val_features = (pair_features(frozen, d, stages=stages, **options) for d in (train_data, val_data))

@@ -22,7 +22,8 @@ def run_eval(model: Any, data: str, out: str | Path, *, task: Task = "retrieval"
              columns: Mapping[str, str] | None = None, hubness: bool = False, ridge_ensemble: bool = False,
              val_data: str | None = None, parallel: str | None = None, parallel_langs: Sequence[str] | None = None,
              ridge_features: str = "pooled",
-             ridge_kernel: str = "linear") -> tuple[list[dict[str, Any]], dict[str, Path]]:
+             ridge_kernel: str = "linear",
+             ridge_towers: str = "frozen") -> tuple[list[dict[str, Any]], dict[str, Path]]:
     """Evaluate `model` (a DualEncoder or a saved folder) on `data`; write eval.{json,md,png} under `out`.
 
     `columns`: load_pairs' image_column/text_column/lang_column for a table whose columns are named otherwise
@@ -37,7 +38,8 @@ def run_eval(model: Any, data: str, out: str | Path, *, task: Task = "retrieval"
     on `val_data` (lilt.eval.translate); with the ensemble, on both of its sides. `ridge_features`: 'stages'
     has the ensemble's ridge map read multi-scale image features (lilt.baselines.pair_features);
     `ridge_kernel`: 'rbf' makes that map kernel ridge regression (lilt.baselines.KernelRidgeMap), 'rbf-two-way'
-    adds its reverse, captions -> image features (lilt.baselines.TwoWayMap).
+    adds its reverse, captions -> image features (lilt.baselines.TwoWayMap). `ridge_towers`: 'tuned' fits that
+    map on the model's own towers' features instead of the frozen ones.
     """
     import lilt
     from ..baselines import KERNELS
@@ -55,6 +57,9 @@ def run_eval(model: Any, data: str, out: str | Path, *, task: Task = "retrieval"
     if ridge_kernel not in KERNELS or (ridge_kernel != "linear" and not ridge_ensemble):
         raise ConfigError(f"--ridge-kernel {ridge_kernel}: choose one of {', '.join(KERNELS)}; all but linear go "
                           "with --ridge-ensemble (it is the ensemble's ridge map).")
+    if ridge_towers not in ("frozen", "tuned") or (ridge_towers == "tuned" and not ridge_ensemble):
+        raise ConfigError(f"--ridge-towers {ridge_towers}: choose frozen or tuned; tuned goes with --ridge-ensemble "
+                          "(it is the towers the ensemble's ridge map reads).")
     levers = [flag for flag, on in (("--hubness", hubness), ("--ridge-ensemble", ridge_ensemble)) if on]
     if parallel and (task != "retrieval" or not val_data):
         raise ConfigError(f"--parallel {parallel} (task {task}, --val-data {val_data}) translates retrieval captions: "
@@ -73,7 +78,7 @@ def run_eval(model: Any, data: str, out: str | Path, *, task: Task = "retrieval"
                 table = load_parallel(parallel, parallel_langs)
             results, extra = _retrieval_with_levers(model, pairs, train_data, val_data, langs, columns, hubness,
                                                     ridge_ensemble, options, table, ridge_features == "stages",
-                                                    ridge_kernel)
+                                                    ridge_kernel, ridge_towers)
         else:
             results = lilt.evaluate_retrieval(model, pairs, progress=True, **options)
     elif task == "zeroshot":
@@ -103,7 +108,8 @@ def run_eval(model: Any, data: str, out: str | Path, *, task: Task = "retrieval"
 def _retrieval_with_levers(model: Any, pairs: Any, train_data: str, val_data: str, langs: Sequence[str] | None,
                            columns: Mapping[str, str] | None, hubness: bool, ridge_ensemble: bool,
                            options: dict[str, Any], parallel: Any = None,
-                           stages: bool = False, kernel: str = "linear") -> tuple[dict[str, Any], dict[str, Any]]:
+                           stages: bool = False, kernel: str = "linear",
+                           towers: str = "frozen") -> tuple[dict[str, Any], dict[str, Any]]:
     """Retrieval with translation maps, the ridge ensemble and/or the hubness correction, chosen on `val_data`."""
     from ..baselines import map_choices
     from ..data import load_pairs
@@ -118,9 +124,9 @@ def _retrieval_with_levers(model: Any, pairs: Any, train_data: str, val_data: st
     embed: Any = partial(embed_pairs, model)
     if ridge_ensemble:
         ensemble, _ = fit_ridge_ensemble(model, train, val, progress=True, parallel=parallel, stages=stages,
-                                         kernel=kernel, hubness=hubness, **options)
+                                         kernel=kernel, hubness=hubness, towers=towers, **options)
         extra.update(ridge_ensemble_weight=ensemble.weight, ridge_features="stages" if stages else "pooled",
-                     ridge_kernel=kernel, **map_choices(ensemble.ridge))
+                     ridge_kernel=kernel, ridge_towers=towers, **map_choices(ensemble.ridge))
         embed = ensemble.embed_pairs
         maps = ensemble.translation
     elif parallel is not None:
