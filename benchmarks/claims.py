@@ -145,6 +145,9 @@ def rows() -> list[Row]:
         Row("budget-lwa+ridge-ensemble-sw300", "budget", plan="lwa", ensemble=True,
             overrides=("data.pairs_per_lang={sw: 300, yo: 150}",),
             note="the ensemble on 300 sw image pairs, no parallel text (the bar for 150 pairs + parallel text)"),
+        Row("budget-demo-sw300", "budget", plan="lwa", ensemble=True, hubness=True, ridge_features="stages",
+            ridge_kernel="rbf-two-way", ridge_towers="tuned", overrides=("data.pairs_per_lang={sw: 300, yo: 150}",),
+            note="the demo recipe on 300 sw image pairs without parallel text (no translation maps)"),
         Row("lwa+sw150+parallel", "budget", plan="lwa",
             overrides=("data.pairs_per_lang={sw: 150, yo: 150}", *parallel), note="150 sw image pairs + parallel"),
     ]
@@ -267,8 +270,9 @@ def plot(summary: dict[str, Any]) -> Any:
         if points:
             right.plot(*zip(*points), "o-", label=plan)
     for name, x, marker, label in (("lwa+parallel", 150, "*", "lwa + parallel text (training term)"),
-                                   ("lwa+translate+ridge-stages-ensemble+hubness", 150, "P",
-                                    "lwa + multi-scale ridge ensemble + translation maps + CSLS: the demo"),
+                                   ("lwa+translate+kridge-2way-tuned-ensemble+hubness", 150, "P",
+                                    "the demo: two-way kernel map on the tuned towers + translation maps + CSLS"),
+                                   ("budget-demo-sw300", 300, "D", "the demo without parallel text"),
                                    ("budget-lwa+ridge-ensemble-sw300", 300, "X", "lwa + ridge ensemble")):
         if summary.get(name) and summary[name]["test"].get("sw"):
             right.plot([x], [summary[name]["test"]["sw"]["i2t"]["mean"]], marker, ms=12, label=label)
