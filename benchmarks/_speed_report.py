@@ -28,6 +28,9 @@ CHECKS = (
       for p in ("lwa-bf16-fw", "layernorm-bf16-fw")),
     *((f"{p} vs open_clip's same set", p, "vs_open_clip", 1.0, True)
       for p in ("full", "lock-image", "text-ln", "heads")),
+    # Not a bound of its own: how far any plan that trains in every block could go (see CONFIGS' floor rows).
+    ("floor (norms of the bottom blocks alone) vs lilt full", "floor", "vs_full", 1.6, True),
+    ("floor-bf16-fw vs lilt full (fp32)", "floor-bf16-fw", "vs_full", 1.6, True),
 )
 E2E_REFERENCE = "e2e-open_clip-heads"
 

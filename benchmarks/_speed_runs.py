@@ -102,6 +102,11 @@ STOCK = {"lwa-stock", "lwa-bf16-stock"}
 # lilt/frozen_precision.py): the same layer outputs under autocast, half the memory those weights hold.
 LOW_FROZEN = {f"{plan}-bf16-fw" for plan in ("lwa", "layernorm", "lora", "bitfit")}
 CONFIGS.update({name: (_recipe(name.split("-")[0]), None) for name in sorted(LOW_FROZEN)})
+# The floor of every plan that trains in each block: only the norms of each tower's bottom block train, so the
+# backward still runs the input gradient through every frozen block above it but computes no other weight gradient.
+FLOOR_PLAN = _plan([{"tower": "both", "method": "layernorm", "layers": "bottom:1"}], "floor")
+CONFIGS.update({"floor": (FLOOR_PLAN, None), "floor-bf16-fw": (FLOOR_PLAN, None)})
+LOW_FROZEN |= {"floor-bf16-fw"}
 BF16 |= LOW_FROZEN
 # End-to-end rows (lilt.train over builtin:emoji-cldr pairs): lilt's plan and train.cache, or open_clip's set.
 E2E: dict[str, tuple[str, Callable[[], TuningPlan] | None, str]] = {

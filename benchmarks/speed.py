@@ -229,7 +229,9 @@ def device_name(device: str, threads: int) -> str:
     cpuinfo = Path("/proc/cpuinfo")
     model = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
                   if line.startswith("model name")), "") if cpuinfo.exists() else platform.processor()
-    return f"CPU ({threads} threads) {model}".strip()
+    from lilt.frozen_precision import native_bf16
+
+    return f"CPU ({threads} threads) {model}, {'native' if native_bf16('cpu') else 'no native'} bf16".strip()
 
 
 def versions(open_clip: bool) -> dict[str, str]:

@@ -42,7 +42,7 @@ from .data.resolve import resolve_data
 from .errors import ConfigError, DataError, NonFiniteError
 from .eval.retrieval import EmbeddedPairs, embed_pairs, evaluate_retrieval
 from .finite import FiniteGuard
-from .frozen_precision import frozen_weights_in
+from .frozen_precision import frozen_weights_in, native_bf16
 from .gradcache import grad_cache_backward, split_inputs
 from .interpolation import choose_alpha, interpolate, trainable_state
 from .growth.grower import replay_growth
@@ -146,6 +146,11 @@ def train(model: torch.nn.Module, data: Any = None, config: TrainConfig | None =
         raise ConfigError(f"TrainConfig.frozen_dtype='bfloat16' needs bf16 autocast, but this run's mixed precision "
                           f"is {accelerator.mixed_precision!r}: set train.mixed_precision=bf16 (or `accelerate launch "
                           "--mixed_precision bf16`), or train.frozen_dtype=float32.")
+    if accelerator.mixed_precision == "bf16" and not native_bf16(accelerator.device):
+        logger.warning("train: bf16 autocast on %s, which has no native bf16 (AVX512-BF16 or AMX): each kernel "
+                       "converts to fp32 and back, so steps are slower than in fp32 (activations still take half the "
+                       "memory). For speed set train.mixed_precision=no (and train.frozen_dtype=float32).",
+                       accelerator.device)
     set_seed(config.seed)  # dropout and any other draws of the loop; a resume restores its saved states instead
     data, val, data_config = resolve_data(data, data_config, config.seed)
     val = val_data if val_data is not None else val

@@ -11,7 +11,7 @@ from torch import nn
 
 import lilt
 from lilt.config import ConfigError, DataConfig, TrainConfig
-from lilt.frozen_precision import _file_maps, frozen_weights_in
+from lilt.frozen_precision import _file_maps, frozen_weights_in, native_bf16
 from lilt.training import reset_accelerate_state, train
 
 from helpers import LWA, NO_DROPOUT, embeddings, sample_batch, weights
@@ -81,15 +81,31 @@ def test_frozen_weights_are_bf16_inside_and_exact_fp32_after(make_model, vision:
     assert torch.equal(again_image, plain_image) and torch.equal(again_text, plain_text)
 
 
-def test_train_with_bf16_frozen_weights_restores_them_and_trains(make_model, tmp_path: Path) -> None:
+def test_native_bf16_reads_the_cpu_instructions(monkeypatch) -> None:
+    for avx512_bf16, amx, native in ((False, False, False), (True, False, True), (False, True, True)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
+        assert native_bf16("cpu") is native
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
+    assert native_bf16("cpu")  # a torch without the checks: no claim either way, so no warning
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_train_with_bf16_frozen_weights_restores_them_and_trains(make_model, tmp_path: Path, monkeypatch, caplog,
+                                                                 native: bool) -> None:
+    monkeypatch.setattr("lilt.training.native_bf16", lambda device: native)
     model = make_model("cnn", text_options=NO_DROPOUT)
     lilt.apply_plan(model, LWA)
     before = _frozen(model)
     data = DataConfig(source="builtin:tiny-random", num_workers=0, options={"n": 32})
     config = TrainConfig(output_dir=str(tmp_path / "low"), steps=4, batch_size=8, report_to=[], warmup_steps=1,
                          lr=1e-3, mixed_precision="bf16", frozen_dtype="bfloat16", eval_every=2)
-    result = train(model, data_config=data, config=config, val_data=lilt.load_pairs(
-        "builtin:tiny-random:validation"))
+    with caplog.at_level("WARNING", logger="lilt.training"):
+        result = train(model, data_config=data, config=config, val_data=lilt.load_pairs(
+            "builtin:tiny-random:validation"))
+    slow = [r.getMessage() for r in caplog.records if "no native bf16" in r.getMessage()]
+    assert len(slow) == (0 if native else 1) and all("train.mixed_precision=no" in m for m in slow)
     after = _frozen(model)
     assert all(torch.equal(after[n], before[n]) for n in before)
     assert result.metrics  # validation ran inside the block, without autocast
