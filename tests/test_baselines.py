@@ -100,16 +100,17 @@ def test_a_kernel_ridge_too_large_or_unknown_is_a_one_line_error(monkeypatch) ->
         fit_ridge(pairs, kernel="rbf-two-way")
 
 
-def test_the_kernel_names_agree_in_the_library_the_recipe_and_the_cli() -> None:
+def test_the_kernel_and_tower_names_agree_in_the_library_the_recipe_and_the_cli() -> None:
     from typing import get_args, get_type_hints
 
     from lilt.cli import build_parser
+    from lilt.eval.ensemble import TOWERS
     from lilt.recipe import EvalConfig
 
-    assert get_args(get_type_hints(EvalConfig)["ridge_kernel"]) == lilt.baselines.KERNELS
-    evaluate = next(a for a in build_parser()._subparsers._group_actions[0].choices["eval"]._actions
-                    if a.dest == "ridge_kernel")
-    assert tuple(evaluate.choices) == lilt.baselines.KERNELS
+    actions = build_parser()._subparsers._group_actions[0].choices["eval"]._actions
+    for dest, names in (("ridge_kernel", lilt.baselines.KERNELS), ("ridge_towers", TOWERS)):
+        assert get_args(get_type_hints(EvalConfig)[dest]) == names
+        assert tuple(next(a for a in actions if a.dest == dest).choices) == names
 
 
 def test_two_way_map_mixes_the_forward_and_reverse_cosines_weighted_on_validation() -> None:

@@ -133,7 +133,8 @@ def test_eval_with_the_scoring_levers_names_their_choices(make_model, tmp_path: 
     assert "--ridge-kernel rbf: choose one of linear, rbf, rbf-two-way; all but linear go with --ridge-ensemble" \
         in capsys.readouterr().err
     assert main([*base, "--ridge-towers", "tuned", *bank]) == 2
-    assert "--ridge-towers tuned: choose frozen or tuned; tuned goes with --ridge-ensemble" in capsys.readouterr().err
+    assert "--ridge-towers tuned: choose one of frozen, tuned; tuned goes with --ridge-ensemble" \
+        in capsys.readouterr().err
     assert main([*base, "--ridge-features", "stages", *bank]) == 2
     assert "--ridge-features stages: choose pooled or stages; stages goes with --ridge-ensemble" in \
         capsys.readouterr().err

@@ -44,6 +44,7 @@ def run_eval(model: Any, data: str, out: str | Path, *, task: Task = "retrieval"
     import lilt
     from ..baselines import KERNELS
     from ..data import load_labelled, load_pairs
+    from .ensemble import TOWERS
     from .report import report_rows, write_report
 
     if isinstance(model, (str, Path)):
@@ -57,9 +58,9 @@ def run_eval(model: Any, data: str, out: str | Path, *, task: Task = "retrieval"
     if ridge_kernel not in KERNELS or (ridge_kernel != "linear" and not ridge_ensemble):
         raise ConfigError(f"--ridge-kernel {ridge_kernel}: choose one of {', '.join(KERNELS)}; all but linear go "
                           "with --ridge-ensemble (it is the ensemble's ridge map).")
-    if ridge_towers not in ("frozen", "tuned") or (ridge_towers == "tuned" and not ridge_ensemble):
-        raise ConfigError(f"--ridge-towers {ridge_towers}: choose frozen or tuned; tuned goes with --ridge-ensemble "
-                          "(it is the towers the ensemble's ridge map reads).")
+    if ridge_towers not in TOWERS or (ridge_towers == "tuned" and not ridge_ensemble):
+        raise ConfigError(f"--ridge-towers {ridge_towers}: choose one of {', '.join(TOWERS)}; tuned goes with "
+                          "--ridge-ensemble (it is the towers the ensemble's ridge map reads).")
     levers = [flag for flag, on in (("--hubness", hubness), ("--ridge-ensemble", ridge_ensemble)) if on]
     if parallel and (task != "retrieval" or not val_data):
         raise ConfigError(f"--parallel {parallel} (task {task}, --val-data {val_data}) translates retrieval captions: "
