@@ -38,11 +38,11 @@ def native_bf16(device: torch.device | str) -> bool:
     """Whether `device` computes bf16 in hardware: a GPU that supports it, or a CPU with AVX512-BF16 or AMX."""
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.is_bf16_supported(including_emulation=False)  # emulated on pre-Ampere GPUs
     if device.type != "cpu":
         return True  # other accelerators: trust the user's choice
-    # Without these instructions oneDNN converts bf16 to fp32 around every kernel: on an AVX512 Xeon without them a
-    # `lwa` step under bf16 autocast took 1.4x the fp32 step (benchmarks/results/speed-cpu-no-native-bf16/).
+    # Without these instructions oneDNN converts bf16 to fp32 around every kernel: on an AVX512 Xeon without them an
+    # `lwa` / `layernorm` step under bf16 took 1.6x / 1.9x the fp32 step (benchmarks/results/speed-cpu-no-native-bf16/).
     # The checks are private torch API: a torch without them is taken at its word (no warning).
     checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     checks = [check for check in checks if check is not None]

@@ -124,3 +124,10 @@ def test_bf16_frozen_weights_need_bf16_autocast_and_no_growth(make_model, tmp_pa
         train(model, data_config=DataConfig(source="builtin:tiny-random", num_workers=0, options={"n": 16}),
               config=config)
     assert not (tmp_path / "x").exists()
+
+
+def test_native_bf16_on_a_gpu_excludes_emulation(monkeypatch) -> None:
+    asked: list[bool] = []
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: asked.append(
+        including_emulation) or not including_emulation)
+    assert native_bf16("cuda") and asked == [False]
