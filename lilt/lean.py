@@ -31,7 +31,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from timm.layers import BatchNormAct2d, Conv2dSame
-from timm.layers.padding import pad_same
+from timm.layers.padding import get_same_padding
 from peft.tuners.lora import layer as lora_layer
 
 
@@ -40,11 +40,12 @@ class _FrozenConv2d(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                geometry: tuple[Any, Any, Any, int]) -> torch.Tensor:
-        out = F.conv2d(x, weight, bias, *geometry)
+                geometry: tuple[Any, Any, Any, int], pads: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+        padded = x if pads is None else _pad(x, pads)
+        out = F.conv2d(padded, weight, bias, *geometry)
         ctx.save_for_backward(weight)  # the parameter itself: no extra memory
-        ctx.geometry = geometry
-        ctx.input_meta = (x.shape, x.dtype, _memory_format(x))
+        ctx.geometry, ctx.pads = geometry, pads
+        ctx.input_meta = (padded.shape, x.dtype, _memory_format(x))
         return out
 
     @staticmethod
@@ -61,7 +62,23 @@ class _FrozenConv2d(torch.autograd.Function):
         grad_x = torch.ops.aten.convolution_backward(
             grad_out, dummy, weight.to(grad_out.dtype), None, stride, padding, dilation, False, [0, 0], groups,
             (True, False, False))[0]
-        return grad_x.to(dtype=dtype, memory_format=memory_format), None, None, None
+        if ctx.pads is not None:  # the padded input's gradient: keep the input's part
+            left, _, top, _ = ctx.pads
+            grad_x = grad_x[:, :, top:top + shape[2] - sum(ctx.pads[2:]), left:left + shape[3] - sum(ctx.pads[:2])]
+        return grad_x.to(dtype=dtype, memory_format=memory_format), None, None, None, None
+
+
+def _pad(x: torch.Tensor, pads: tuple[int, int, int, int]) -> torch.Tensor:
+    """F.pad(x, pads) with zeros, in x's layout: the input copied into the interior and only the border zeroed
+    (F.pad zeroes the whole output first: at EfficientNet's first stride-2 convolution, 157 MB written twice)."""
+    left, right, top, bottom = pads
+    n, c, h, w = x.shape
+    out = torch.empty((n, c, h + top + bottom, w + left + right), dtype=x.dtype, device=x.device,
+                      memory_format=_memory_format(x))
+    out[:, :, top:top + h, left:left + w].copy_(x)
+    for border in (out[:, :, :top], out[:, :, top + h:], out[:, :, :, :left], out[:, :, :, left + w:]):
+        border.zero_()
+    return out
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
@@ -97,11 +114,15 @@ class LeanConv2dSame(Conv2dSame):
     """timm's TF-"same" Conv2dSame, lean in the same way (the padded copy of the input is not kept either)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Pad as timm does, then the lean node when only the input needs a gradient."""
+        """The stock layer; the lean node, padding as timm does, when only the input needs a gradient."""
         if not _lean_conv(self, x):
             return super().forward(x)
-        x = pad_same(x, self.weight.shape[-2:], self.stride, self.dilation)
-        return _FrozenConv2d.apply(x, self.weight, self.bias, (self.stride, (0, 0), self.dilation, self.groups))
+        (ih, iw), (kh, kw) = x.shape[-2:], self.weight.shape[-2:]
+        pad_h = get_same_padding(ih, kh, self.stride[0], self.dilation[0])
+        pad_w = get_same_padding(iw, kw, self.stride[1], self.dilation[1])
+        pads = (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)  # as timm's pad_same
+        return _FrozenConv2d.apply(x, self.weight, self.bias, (self.stride, (0, 0), self.dilation, self.groups),
+                                   pads if any(pads) else None)
 
 
 class _FrozenLinear(torch.autograd.Function):

@@ -59,7 +59,8 @@ def _step(net: nn.Module, x: torch.Tensor, bf16: bool = False) -> tuple[torch.Te
 
 @pytest.mark.parametrize("act", [nn.ReLU6, nn.ReLU, nn.SiLU])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_lean_layers_give_stock_gradients_and_keep_less(act: type[nn.Module], channels_last: bool) -> None:
+@pytest.mark.parametrize("size", [16, 15])  # the "same" padding: (0, 1) per side of an even size, (1, 1) of an odd
+def test_lean_layers_give_stock_gradients_and_keep_less(act: type[nn.Module], channels_last: bool, size: int) -> None:
     stock = _bn_affine_only(_net(act))
     lean = copy.deepcopy(stock)
     assert make_lean(lean) == 6
@@ -67,7 +68,7 @@ def test_lean_layers_give_stock_gradients_and_keep_less(act: type[nn.Module], ch
                                        LeanConv2d, LeanBatchNormAct2d]
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     stock, lean = stock.to(memory_format=fmt), lean.to(memory_format=fmt)
-    x = torch.randn(4, 3, 16, 16).contiguous(memory_format=fmt)
+    x = torch.randn(4, 3, size, size).contiguous(memory_format=fmt)
     y0, g0, kept0 = _step(stock, x)
     y1, g1, kept1 = _step(lean, x)
     assert torch.equal(y0, y1)
