@@ -31,7 +31,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from timm.layers import BatchNormAct2d, Conv2dSame
-from timm.layers.padding import get_same_padding
+from timm.layers.padding import pad_same_arg
 from peft.tuners.lora import layer as lora_layer
 
 
@@ -44,8 +44,8 @@ class _FrozenConv2d(torch.autograd.Function):
         padded = x if pads is None else _pad(x, pads)
         out = F.conv2d(padded, weight, bias, *geometry)
         ctx.save_for_backward(weight)  # the parameter itself: no extra memory
-        ctx.geometry, ctx.pads = geometry, pads
-        ctx.input_meta = (padded.shape, x.dtype, _memory_format(x))
+        ctx.geometry, ctx.pads, ctx.padded_shape = geometry, pads, padded.shape
+        ctx.input_meta = (x.shape, x.dtype, _memory_format(x))
         return out
 
     @staticmethod
@@ -58,13 +58,13 @@ class _FrozenConv2d(torch.autograd.Function):
         # allocated but never written (no compute); it must have the input's layout: oneDNN picks its kernels' layout
         # from it, and a one-element expand (torch.nn.grad.conv2d_input's stand-in) reads as NCHW, which made a
         # channels_last depthwise convolution's input gradient 3.6x slower, plus a copy back to channels_last.
-        dummy = torch.empty(shape, dtype=grad_out.dtype, device=grad_out.device, memory_format=memory_format)
+        dummy = torch.empty(ctx.padded_shape, dtype=grad_out.dtype, device=grad_out.device, memory_format=memory_format)
         grad_x = torch.ops.aten.convolution_backward(
             grad_out, dummy, weight.to(grad_out.dtype), None, stride, padding, dilation, False, [0, 0], groups,
             (True, False, False))[0]
         if ctx.pads is not None:  # the padded input's gradient: keep the input's part
             left, _, top, _ = ctx.pads
-            grad_x = grad_x[:, :, top:top + shape[2] - sum(ctx.pads[2:]), left:left + shape[3] - sum(ctx.pads[:2])]
+            grad_x = grad_x[:, :, top:top + shape[2], left:left + shape[3]]
         return grad_x.to(dtype=dtype, memory_format=memory_format), None, None, None, None
 
 
@@ -117,10 +117,7 @@ class LeanConv2dSame(Conv2dSame):
         """The stock layer; the lean node, padding as timm does, when only the input needs a gradient."""
         if not _lean_conv(self, x):
             return super().forward(x)
-        (ih, iw), (kh, kw) = x.shape[-2:], self.weight.shape[-2:]
-        pad_h = get_same_padding(ih, kh, self.stride[0], self.dilation[0])
-        pad_w = get_same_padding(iw, kw, self.stride[1], self.dilation[1])
-        pads = (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)  # as timm's pad_same
+        pads = tuple(pad_same_arg(x.shape[-2:], self.weight.shape[-2:], self.stride, self.dilation))  # as pad_same
         return _FrozenConv2d.apply(x, self.weight, self.bias, (self.stride, (0, 0), self.dilation, self.groups),
                                    pads if any(pads) else None)
 

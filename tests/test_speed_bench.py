@@ -242,7 +242,6 @@ def test_floor_rows_train_the_bottom_blocks_norms_alone_through_every_block(tiny
         spec = Spec(config, "lilt", str(tiny_dirs["cnn"]), str(tiny_dirs["bert"]), image_size=32, tokens=8,
                     batch_size=2, steps=1, warmup=0, threads=1, device="cpu")
         model, forward, _, _ = lilt_step_parts(spec)
-        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
         for tower in (model.vision, model.text):
             first, rest = tower.block_names()[0], tower.block_names()[1:]
             inside = [n for n, p in tower.named_parameters() if p.requires_grad]
@@ -250,7 +249,6 @@ def test_floor_rows_train_the_bottom_blocks_norms_alone_through_every_block(tiny
             assert not any(n.startswith(b + ".") for n in inside for b in rest)
         loss = forward(torch.randn(2, 3, 32, 32), torch.randint(5, model.text.backbone.config.vocab_size, (2, 8)))
         loss.backward()  # reaches the bottom blocks: every frozen block above passes the input gradient down
-        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-        assert set(grads) == set(trainable) and all(g is not None and g.abs().sum() > 0 for g in grads.values())
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
         assert (config in speed_runs.LOW_FROZEN) == (dtype == torch.bfloat16)
     assert CONFIGS["floor"][1] is None
